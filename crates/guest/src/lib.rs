@@ -1,0 +1,1 @@
+//! Guest OS models and workloads, written once against the guest-operations interface.

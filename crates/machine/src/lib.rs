@@ -1,0 +1,8 @@
+//! The simulated machine: sparse machine memory, vcpus, and a CPU model that translates
+//! through any root (the guest's own tables, or the engine's shadow tables) with a TLB.
+//! Also the access matrix: the walker checked against a separate rules function.
+
+pub mod cpu;
+pub mod matrix;
+pub mod memory;
+pub mod tlb;

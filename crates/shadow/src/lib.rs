@@ -1,0 +1,23 @@
+//! Shadow page tables for x86 virtualization, after Xen's "Shadow2" (Deegan and Fetterman,
+//! Xen Summit 2006).
+//!
+//! The engine is `no_std` + `alloc`: a hypervisor, VMM or simulator embeds it, gives it a
+//! view of machine memory, and calls it on page faults, control-register writes, INVLPG and
+//! control operations. See `docs/ARCHITECTURE.md` in the repository for the module map.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod addr;
+pub mod paging;
+
+pub use addr::{Gfn, Gpa, Gva, Maddr, Mfn, PhysAddr};
+pub mod flush;
+pub mod host;
+
+pub use flush::{Flush, VcpuSet};
+pub use host::MachineMemory;

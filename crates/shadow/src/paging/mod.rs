@@ -1,0 +1,20 @@
+//! x86 paging: entry formats, paging modes as types, and the architectural guest walker.
+
+pub mod bits;
+pub mod control;
+pub mod memory;
+pub mod mode;
+pub mod walk;
+
+pub use control::{
+    Access, AccessKind, ControlState, CpuFeatures, PagingLevels, PfErrorCode, Privilege,
+};
+pub use memory::{MemError, PhysMem};
+pub use mode::{FourLevel, NoPaging, PageSize, PagingMode, ThreeLevel, TwoLevel};
+pub use walk::{
+    AdUpdate, PathEntry, PdptLoadError, Perms, Translation, WalkEnv, WalkFailure, WalkFault,
+    WalkPath, WalkResult, load_pae_pdptes, walk, walk_mode,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! Unit tests of the architectural walker: one test per rule, in every mode it applies to.
+
+mod harness;
+
+mod accessed_dirty;
+mod error_code;
+mod nx;
+mod pae;
+mod pkeys;
+mod recursive;
+mod reserved;
+mod rights;
+mod translation;
