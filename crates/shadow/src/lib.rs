@@ -18,6 +18,9 @@ pub mod paging;
 pub use addr::{Gfn, Gpa, Gva, Maddr, Mfn, PhysAddr};
 pub mod flush;
 pub mod host;
+pub mod pool;
+#[cfg(test)]
+pub(crate) mod testmem;
 
 pub use flush::{Flush, VcpuSet};
 pub use host::MachineMemory;
