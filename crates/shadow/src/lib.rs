@@ -15,12 +15,23 @@ extern crate std;
 pub mod addr;
 pub mod paging;
 
-pub use addr::{Gfn, Gpa, Gva, Maddr, Mfn, PhysAddr};
+pub mod audit;
+pub mod domain;
 pub mod flush;
+pub mod hash;
 pub mod host;
+pub mod log_dirty;
+pub mod multi;
+pub mod p2m;
 pub mod pool;
+pub mod remove;
+pub mod stats;
 #[cfg(test)]
 pub(crate) mod testmem;
+pub mod types;
 
+pub use addr::{Gfn, Gpa, Gva, Maddr, Mfn, PhysAddr};
+pub use domain::{Domain, DomainConfig, EngineError, ShadowOp, ShadowOpResult};
 pub use flush::{Flush, VcpuSet};
 pub use host::MachineMemory;
+pub use multi::{FaultOutcome, Pair};

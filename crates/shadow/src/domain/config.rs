@@ -1,0 +1,192 @@
+//! Start-of-domain shadow modes (seed slide "Start-of-domain shadow modes") and the errors
+//! of engine operations.
+
+use core::fmt;
+
+use crate::addr::{Gva, Mfn};
+use crate::p2m::P2mError;
+use crate::paging::{CpuFeatures, PagingLevels};
+use crate::pool::PoolError;
+
+/// Whose reference counts keep guest page-table pages typed: the shadow code's own (HVM
+/// guests) or the guest's, validated by the hypervisor (PV guests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefcountMode {
+    /// The engine counts shadow references itself.
+    Shadow,
+    /// The guest maintains type counts (PV); the engine refuses guest entries that map a
+    /// page-table frame writable instead of silently protecting it.
+    Guest,
+}
+
+/// The modes fixed when a domain is created, and its sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DomainConfig {
+    /// Paging levels of the shadow (host) tables: 2, 3 or 4.
+    pub shadow_levels: PagingLevels,
+    /// Number of vcpus (1..=64).
+    pub vcpus: usize,
+    /// Initial size of the shadow pool, in pages.
+    pub pool_pages: usize,
+    /// Translated: guest entries hold guest frames, mapped through the p2m. Otherwise (PV)
+    /// they hold machine frames, each checked to belong to the domain.
+    pub translated: bool,
+    /// External: the hypervisor is not in the guest's address space. Otherwise (internal)
+    /// the hypervisor hole ([`DomainConfig::hypervisor_hole`]) is reserved and the guest may
+    /// not map over it.
+    pub external: bool,
+    /// Refcount mode.
+    pub refcounts: RefcountMode,
+    /// The paging features the guest sees. 1 GiB pages are hidden from shadowed guests.
+    pub guest_features: CpuFeatures,
+    /// Encode guest-not-present and MMIO entries with reserved bits so that those faults are
+    /// handled from the shadow entry alone (seed future optimisation 2).
+    pub fast_path: bool,
+}
+
+impl DomainConfig {
+    /// A translated, external HVM-style domain with shadow refcounts.
+    pub fn hvm(shadow_levels: PagingLevels, vcpus: usize, pool_pages: usize) -> DomainConfig {
+        DomainConfig {
+            shadow_levels,
+            vcpus,
+            pool_pages,
+            translated: true,
+            external: true,
+            refcounts: RefcountMode::Shadow,
+            guest_features: CpuFeatures {
+                pdpe1gb: false,
+                ..CpuFeatures::KVM_HOST
+            },
+            fast_path: true,
+        }
+    }
+
+    /// The linear-address range reserved for the hypervisor in internal mode: the top
+    /// 64 MiB of a 32-bit address space, or one 512 GiB L4 slot of a 64-bit one.
+    pub fn hypervisor_hole(&self) -> Option<core::ops::Range<u64>> {
+        if self.external {
+            return None;
+        }
+        Some(match self.shadow_levels {
+            PagingLevels::Four => 0xffff_ff00_0000_0000..0xffff_ff80_0000_0000,
+            _ => 0xfc00_0000..0x1_0000_0000,
+        })
+    }
+
+    /// Whether `va` lies in the hypervisor hole.
+    pub fn in_hole(&self, va: Gva) -> bool {
+        self.hypervisor_hole()
+            .is_some_and(|h| h.contains(&va.raw()))
+    }
+
+    /// The smallest pool that always serves a fault: every vcpu's top-level shadows (up to
+    /// 6 pages) plus the deepest fill, in whole 4-page chunks.
+    pub fn min_pool_pages(&self) -> usize {
+        8 * self.vcpus + 16
+    }
+}
+
+/// A fault the guest must see instead of the operation it attempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestFault {
+    /// #GP(0): e.g. a PAE CR3 load whose PDPTEs have reserved bits set.
+    GeneralProtection,
+}
+
+/// Why an engine operation failed. Only [`EngineError::Guest`] and argument errors leave the
+/// domain running; the others fail the domain cleanly (never the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineError {
+    /// The guest did something that faults architecturally.
+    Guest(GuestFault),
+    /// A bad argument (vcpu id, size, frame...).
+    BadArgument(&'static str),
+    /// The vcpus' paging modes need a pair this domain cannot run (e.g. PAE on 2-level
+    /// shadows).
+    UnsupportedPair {
+        /// Guest levels.
+        guest: u8,
+        /// Shadow levels.
+        shadow: u8,
+    },
+    /// The pool could not serve a shadow even after evicting everything evictable.
+    PoolExhausted,
+    /// A pool operation failed.
+    Pool(PoolError),
+    /// A p2m operation failed.
+    P2m(P2mError),
+    /// Machine memory could not be accessed where the engine's own structures live.
+    Memory {
+        /// The raw machine address.
+        addr: u64,
+    },
+    /// An internal invariant was found broken: the domain is failed.
+    Internal(&'static str),
+    /// The domain was failed by an earlier error and accepts no more operations.
+    DomainFailed,
+    /// A frame the p2m was asked to map is a pool, p2m-table or hypervisor frame.
+    ForbiddenFrame(Mfn),
+}
+
+impl EngineError {
+    /// Whether this error fails the domain.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            EngineError::PoolExhausted
+                | EngineError::Memory { .. }
+                | EngineError::Internal(_)
+                | EngineError::DomainFailed
+        )
+    }
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::Guest(GuestFault::GeneralProtection) => write!(f, "guest #GP(0)"),
+            EngineError::BadArgument(what) => write!(f, "bad argument: {what}"),
+            EngineError::UnsupportedPair { guest, shadow } => {
+                write!(f, "{guest}-on-{shadow} is not a supported pair")
+            }
+            EngineError::PoolExhausted => write!(f, "shadow pool exhausted"),
+            EngineError::Pool(e) => write!(f, "pool: {e}"),
+            EngineError::P2m(e) => write!(f, "p2m: {e}"),
+            EngineError::Memory { addr } => write!(f, "machine memory at {addr:#x} unusable"),
+            EngineError::Internal(what) => write!(f, "internal error: {what}"),
+            EngineError::DomainFailed => write!(f, "the domain has failed"),
+            EngineError::ForbiddenFrame(mfn) => {
+                write!(
+                    f,
+                    "frame {mfn} belongs to the hypervisor and cannot be mapped"
+                )
+            }
+        }
+    }
+}
+
+impl core::error::Error for EngineError {}
+
+impl From<PoolError> for EngineError {
+    fn from(e: PoolError) -> Self {
+        EngineError::Pool(e)
+    }
+}
+
+impl From<P2mError> for EngineError {
+    fn from(e: P2mError) -> Self {
+        EngineError::P2m(e)
+    }
+}
+
+impl From<crate::paging::MemError> for EngineError {
+    fn from(e: crate::paging::MemError) -> Self {
+        let addr = match e {
+            crate::paging::MemError::Unbacked { addr }
+            | crate::paging::MemError::Misaligned { addr }
+            | crate::paging::MemError::ReadOnly { addr } => addr,
+        };
+        EngineError::Memory { addr }
+    }
+}

@@ -1,0 +1,315 @@
+//! Control operations (Xen's `shadow_op`): test mode, log-dirty mode with clean and peek,
+//! the pool size, statistics. Long ones go in bounded steps with a continuation.
+
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
+
+use super::{Domain, EngineError};
+use crate::addr::{Maddr, Mfn};
+use crate::flush::Flush;
+use crate::host::MachineMemory;
+use crate::log_dirty::{DirtyBitmap, DirtyLog};
+use crate::paging::bits;
+use crate::pool::ResizeProgress;
+use crate::stats::Stats;
+
+/// A control operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowOp {
+    /// Audit the domain after every operation; a violation fails the domain.
+    EnableTest,
+    /// Stop auditing after every operation.
+    DisableTest,
+    /// Write-protect every page and start logging writes.
+    EnableLogDirty,
+    /// Stop logging writes.
+    DisableLogDirty,
+    /// One bounded step of a clean: the bitmap comes back (and is reset) when done.
+    Clean {
+        /// Shadow entries to re-protect in this step.
+        budget: usize,
+    },
+    /// The bitmap, without resetting it.
+    Peek,
+    /// The pool size.
+    GetPoolSize,
+    /// One bounded step towards a new pool size.
+    SetPoolSize {
+        /// Target size in pages (at least the domain's minimum).
+        pages: usize,
+        /// Host chunk operations or evictions in this step.
+        budget: usize,
+    },
+    /// The counters.
+    Stats,
+}
+
+/// The answer to a control operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShadowOpResult {
+    /// Done, nothing to report.
+    Done,
+    /// Not finished: call again with the same operation.
+    More,
+    /// A dirty bitmap (clean or peek).
+    Bitmap(DirtyBitmap),
+    /// The pool size in pages, and how many are in use.
+    PoolSize {
+        /// Pages in the pool.
+        total: usize,
+        /// Pages holding shadows.
+        used: usize,
+    },
+    /// The counters.
+    Stats(alloc::boxed::Box<Stats>),
+}
+
+/// How far a clean got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CleanProgress {
+    /// More entries to re-protect: call again.
+    More,
+    /// Done: the pages dirtied since the previous clean.
+    Done(DirtyBitmap),
+}
+
+/// A clean in progress.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Cleaning {
+    snapshot: DirtyBitmap,
+    to_protect: Vec<Maddr>,
+    steps: usize,
+}
+
+impl<H: MachineMemory> Domain<H> {
+    /// Runs a control operation.
+    pub fn shadow_op(&mut self, op: ShadowOp) -> Result<(ShadowOpResult, Flush), EngineError> {
+        match op {
+            ShadowOp::EnableTest => {
+                self.test_mode = true;
+                Ok((ShadowOpResult::Done, Flush::NONE))
+            }
+            ShadowOp::DisableTest => {
+                self.test_mode = false;
+                Ok((ShadowOpResult::Done, Flush::NONE))
+            }
+            ShadowOp::EnableLogDirty => self.enable_log_dirty().map(|f| (ShadowOpResult::Done, f)),
+            ShadowOp::DisableLogDirty => {
+                self.disable_log_dirty();
+                Ok((ShadowOpResult::Done, Flush::NONE))
+            }
+            ShadowOp::Clean { budget } => self.clean_step(budget).map(|(p, f)| match p {
+                CleanProgress::More => (ShadowOpResult::More, f),
+                CleanProgress::Done(b) => (ShadowOpResult::Bitmap(b), f),
+            }),
+            ShadowOp::Peek => self
+                .peek_dirty()
+                .map(|b| (ShadowOpResult::Bitmap(b), Flush::NONE))
+                .ok_or(EngineError::BadArgument("log-dirty mode is off")),
+            ShadowOp::GetPoolSize => Ok((
+                ShadowOpResult::PoolSize {
+                    total: self.pool.total_pages(),
+                    used: self.pool.used_pages(),
+                },
+                Flush::NONE,
+            )),
+            ShadowOp::SetPoolSize { pages, budget } => {
+                self.set_pool_size_step(pages, budget)
+                    .map(|(p, f)| match p {
+                        ResizeProgress::Done => (ShadowOpResult::Done, f),
+                        _ => (ShadowOpResult::More, f),
+                    })
+            }
+            ShadowOp::Stats => Ok((ShadowOpResult::Stats(alloc::boxed::Box::new(self.stats)), Flush::NONE)),
+        }
+    }
+
+    /// Turns log-dirty mode on: every shadow L1 entry and every writable p2m entry loses
+    /// write access. The cost follows the number of shadows, not guest memory size.
+    pub fn enable_log_dirty(&mut self) -> Result<Flush, EngineError> {
+        if self.log_dirty.is_some() {
+            return Err(EngineError::BadArgument("log-dirty mode is already on"));
+        }
+        self.run(|d| {
+            d.log_dirty = Some(DirtyLog::default());
+            d.protect_all_leaves()?;
+            d.protect_p2m_writable()?;
+            d.pending_flush = d.all_vcpus();
+            Ok(())
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Turns log-dirty mode off (pages regain write access as they fault).
+    pub fn disable_log_dirty(&mut self) {
+        self.log_dirty = None;
+        self.cleaning = None;
+    }
+
+    /// The dirty bitmap, without resetting it.
+    pub fn peek_dirty(&self) -> Option<DirtyBitmap> {
+        self.log_dirty.as_ref().map(|l| l.dirty.clone())
+    }
+
+    /// One bounded step of a clean: re-protects at most `budget` of the shadow entries made
+    /// writable since the last clean, and returns the bitmap (reset) when all are done. If
+    /// the guest runs between steps, every page re-protected in a later step is counted
+    /// dirty again for the next round (it may have been written meanwhile).
+    pub fn clean_step(&mut self, budget: usize) -> Result<(CleanProgress, Flush), EngineError> {
+        if self.log_dirty.is_none() {
+            return Err(EngineError::BadArgument("log-dirty mode is off"));
+        }
+        self.run(|d| {
+            let mut cleaning = match d.cleaning.take() {
+                Some(c) => c,
+                None => {
+                    let log = d
+                        .log_dirty
+                        .as_mut()
+                        .ok_or(EngineError::Internal("log-dirty state vanished"))?;
+                    log.cleans += 1;
+                    let snapshot = core::mem::take(&mut log.dirty);
+                    let to_protect: Vec<Maddr> = core::mem::take(&mut log.writable_slots)
+                        .into_iter()
+                        .collect();
+                    d.protect_p2m_writable()?;
+                    Cleaning {
+                        snapshot,
+                        to_protect,
+                        steps: 0,
+                    }
+                }
+            };
+            let later_step = cleaning.steps > 0;
+            cleaning.steps += 1;
+            for _ in 0..budget.max(1) {
+                let Some(slot) = cleaning.to_protect.pop() else {
+                    break;
+                };
+                if let Some(gfn) = d.protect_slot(slot)?
+                    && later_step
+                {
+                    d.mark_dirty(gfn);
+                }
+            }
+            d.pending_flush = d.all_vcpus();
+            if cleaning.to_protect.is_empty() {
+                Ok(CleanProgress::Done(cleaning.snapshot))
+            } else {
+                d.cleaning = Some(cleaning);
+                Ok(CleanProgress::More)
+            }
+        })
+    }
+
+    /// A whole clean, step after step (the guest does not run in between).
+    pub fn clean_dirty(&mut self) -> Result<(DirtyBitmap, Flush), EngineError> {
+        let mut flush = Flush::NONE;
+        loop {
+            let (progress, f) = self.clean_step(1024)?;
+            flush = flush.merge(f);
+            if let CleanProgress::Done(bitmap) = progress {
+                return Ok((bitmap, flush));
+            }
+        }
+    }
+
+    /// Removes write access from the leaf entry at `slot`, if it still is a writable leaf
+    /// entry; returns the guest frame it mapped.
+    fn protect_slot(&mut self, slot: Maddr) -> Result<Option<crate::addr::Gfn>, EngineError> {
+        let leaf = self
+            .store
+            .containing(slot.mfn())
+            .is_some_and(|(_, i)| i.key.kind.is_leaf_table());
+        if !leaf {
+            return Ok(None);
+        }
+        let entry = self.read_sentry(slot)?;
+        let Some(mfn) = self.sentry_frame(entry) else {
+            return Ok(None);
+        };
+        if entry & bits::RW == 0 {
+            return Ok(None);
+        }
+        self.set_sentry(slot, entry & !bits::RW)?;
+        Ok(self
+            .m2p
+            .get(&mfn)
+            .and_then(|s| s.iter().next().copied())
+            .or(Some(crate::addr::Gfn::new(mfn.raw()))))
+    }
+
+    fn protect_all_leaves(&mut self) -> Result<(), EngineError> {
+        let leaves: Vec<(Mfn, u8)> = self
+            .store
+            .shadows()
+            .filter(|(_, i)| i.key.kind.is_leaf_table())
+            .map(|(h, i)| (h, i.order))
+            .collect();
+        self.rewrite_entries(&leaves, |d, e| {
+            (d.sentry_frame(e).is_some() && e & bits::RW != 0).then_some(e & !bits::RW)
+        })
+    }
+
+    fn protect_p2m_writable(&mut self) -> Result<(), EngineError> {
+        let gfns: BTreeSet<_> = core::mem::take(&mut self.p2m_writable);
+        if let Some(p2m) = self.p2m.as_mut() {
+            for gfn in gfns {
+                p2m.set_writable(&mut self.host, gfn, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One bounded step towards a pool of `pages` pages: grows from the host, or shrinks by
+    /// giving back free chunks, evicting shadows when no free chunk is left.
+    pub fn set_pool_size_step(
+        &mut self,
+        pages: usize,
+        budget: usize,
+    ) -> Result<(ResizeProgress, Flush), EngineError> {
+        if pages < self.config.min_pool_pages() {
+            return Err(EngineError::BadArgument(
+                "pool smaller than the domain's minimum",
+            ));
+        }
+        self.pool_target = pages;
+        self.run(|d| {
+            let progress = d.pool.resize_step(&mut d.host, pages, budget)?;
+            if let ResizeProgress::NeedsEviction { .. } = progress {
+                let mut freed = false;
+                for _ in 0..budget.max(1) {
+                    if d.reap_one()? || d.evict_one()? {
+                        freed = true;
+                    } else {
+                        break;
+                    }
+                }
+                if !freed {
+                    let before = d.pool.used_pages();
+                    d.blow_tables()?;
+                    if d.pool.used_pages() == before {
+                        return Err(EngineError::BadArgument(
+                            "the pool cannot shrink below what the vcpus' top-level shadows use",
+                        ));
+                    }
+                }
+                return Ok(ResizeProgress::More);
+            }
+            Ok(progress)
+        })
+    }
+
+    /// A whole resize, step after step.
+    pub fn set_pool_size(&mut self, pages: usize) -> Result<Flush, EngineError> {
+        let mut flush = Flush::NONE;
+        for _ in 0..1_000_000 {
+            let (progress, f) = self.set_pool_size_step(pages, 64)?;
+            flush = flush.merge(f);
+            if progress == ResizeProgress::Done {
+                return Ok(flush);
+            }
+        }
+        Err(EngineError::Internal("pool resize made no progress"))
+    }
+}

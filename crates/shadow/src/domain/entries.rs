@@ -1,0 +1,326 @@
+//! Writing shadow entries with exact bookkeeping, and the life of a shadow: allocation
+//! from the pool (evicting in LRU order, before anything changes), the dying queue torn down
+//! in bounded steps, and throwing everything away as a last resort.
+
+use super::{Domain, EngineError};
+use crate::addr::{Maddr, Mfn, PAGE_SIZE};
+use crate::flush::VcpuSet;
+use crate::host::MachineMemory;
+use crate::paging::{PagingLevels, bits};
+use crate::types::{ShadowKey, ShadowKind};
+
+/// Marks a shadow L1 entry that the hardware must fault on with RSVD set: bit 51 is
+/// reserved whenever MAXPHYADDR < 52 (fast path, seed future optimisation 2).
+pub(crate) const MAGIC: u64 = bits::P | (1 << 51);
+/// Magic type: the guest entry is not present.
+pub(crate) const MAGIC_NOT_PRESENT: u64 = 1 << 9;
+/// Magic type: MMIO; the guest frame number sits in bits 12..48.
+pub(crate) const MAGIC_MMIO: u64 = 2 << 9;
+const MAGIC_TYPE: u64 = 7 << 9;
+const MAGIC_GFN_MASK: u64 = 0x0000_ffff_ffff_f000;
+
+/// A decoded magic entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Magic {
+    NotPresent,
+    Mmio(u64),
+}
+
+pub(crate) fn is_magic(entry: u64) -> bool {
+    entry & MAGIC == MAGIC
+}
+
+pub(crate) fn decode_magic(entry: u64) -> Option<Magic> {
+    if !is_magic(entry) {
+        return None;
+    }
+    match entry & MAGIC_TYPE {
+        MAGIC_NOT_PRESENT => Some(Magic::NotPresent),
+        MAGIC_MMIO => Some(Magic::Mmio((entry & MAGIC_GFN_MASK) >> 12)),
+        _ => None,
+    }
+}
+
+pub(crate) fn magic_mmio(gfn: u64) -> u64 {
+    MAGIC | MAGIC_MMIO | ((gfn << 12) & MAGIC_GFN_MASK)
+}
+
+impl<H: MachineMemory> Domain<H> {
+    /// Bytes per shadow entry.
+    pub(crate) fn sentry_bytes(&self) -> u64 {
+        if self.config.shadow_levels == PagingLevels::Two {
+            4
+        } else {
+            8
+        }
+    }
+
+    /// Whether shadow L1 entries may carry magic (reserved-bit) encodings.
+    pub(crate) fn fast_path_on(&self) -> bool {
+        self.config.fast_path && self.config.shadow_levels != PagingLevels::Two
+    }
+
+    /// The frame a shadow entry points at, if it is present and not magic.
+    pub(crate) fn sentry_frame(&self, entry: u64) -> Option<Mfn> {
+        if entry & bits::P == 0 || is_magic(entry) {
+            return None;
+        }
+        let mask = if self.sentry_bytes() == 4 {
+            bits::ADDR_MASK_4
+        } else {
+            bits::ADDR_MASK_8
+        };
+        Some(Mfn::new((entry & mask) >> 12))
+    }
+
+    /// All vcpus of the domain.
+    pub(crate) fn all_vcpus(&self) -> VcpuSet {
+        VcpuSet(u64::MAX >> (64 - self.vcpus.len().clamp(1, 64)))
+    }
+
+    /// Reads a shadow entry.
+    pub(crate) fn read_sentry(&self, slot: Maddr) -> Result<u64, EngineError> {
+        Ok(self.host.read_entry(slot, self.sentry_bytes())?)
+    }
+
+    /// Writes a shadow entry, keeping every count exact: references to lower shadows from
+    /// upper entries, writable mappings of guest frames from leaf entries, the log-dirty
+    /// record of entries made writable, and the TLB flush owed when a permission goes.
+    pub(crate) fn set_sentry(&mut self, slot: Maddr, new: u64) -> Result<(), EngineError> {
+        let kind = self
+            .store
+            .containing(slot.mfn())
+            .map(|(_, info)| info.key.kind)
+            .ok_or(EngineError::Internal(
+                "shadow entry write outside any shadow",
+            ))?;
+        let width = self.sentry_bytes();
+        let old = self.host.read_entry(slot, width)?;
+        if old == new {
+            return Ok(());
+        }
+        self.host.write_entry(slot, width, new)?;
+        self.entries_written += 1;
+        let old_frame = self.sentry_frame(old);
+        let new_frame = self.sentry_frame(new);
+        if kind.is_leaf_table() {
+            if let Some(m) = old_frame
+                && old & bits::RW != 0
+            {
+                self.store.remove_writable(m);
+            }
+            if let Some(m) = new_frame
+                && new & bits::RW != 0
+            {
+                self.store.add_writable(m, slot);
+                if let Some(log) = &mut self.log_dirty {
+                    log.writable_slots.insert(slot);
+                }
+            }
+        } else {
+            if let Some(child) = old_frame
+                && let Some(dead) = self.store.drop_ref(child)
+            {
+                self.store.unhash(dead);
+            }
+            if let Some(child) = new_frame {
+                self.store.add_ref(child, slot);
+            }
+        }
+        if old_frame.is_some() && !grants_at_least(old, new, old_frame == new_frame) {
+            self.pending_flush = self.all_vcpus();
+        }
+        Ok(())
+    }
+
+    /// Finds or makes the shadow with `key`; a new shadow is empty (every entry not
+    /// present, filled on demand). Making the first shadow of a guest frame removes every
+    /// writable mapping of it first.
+    pub(crate) fn get_or_create(&mut self, key: ShadowKey) -> Result<(Mfn, bool), EngineError> {
+        if let Some(head) = self.store.lookup(&key) {
+            return Ok((head, false));
+        }
+        let order = key.kind.order(self.config.shadow_levels);
+        let head = self.take_block(order)?;
+        for i in 0..1u64 << order {
+            self.host.zero_frame(Mfn::new(head.raw() + i))?;
+        }
+        let frame = Mfn::new(key.frame);
+        let first_of_frame = !key.kind.is_fl1()
+            && key.kind != ShadowKind::VcpuTop
+            && !self.store.is_page_table(frame);
+        self.store.insert(key, head, order);
+        self.stats.shadows_created += 1;
+        if first_of_frame {
+            self.remove_write_access(frame)?;
+        }
+        Ok((head, true))
+    }
+
+    fn take_block(&mut self, order: u8) -> Result<Mfn, EngineError> {
+        if let Some(i) = self.reserve.blocks.iter().position(|b| b.1 == order) {
+            return Ok(self.reserve.blocks.swap_remove(i).0);
+        }
+        self.alloc_evicting(order)
+    }
+
+    /// Allocates a pool block, freeing dying shadows, then unpinning least recently used
+    /// top-level shadows, then throwing every shadow away, until it succeeds.
+    fn alloc_evicting(&mut self, order: u8) -> Result<Mfn, EngineError> {
+        let mut blown = false;
+        loop {
+            if let Some(m) = self.pool.alloc(order) {
+                return Ok(m);
+            }
+            if self.reap_one()? || self.evict_one()? {
+                continue;
+            }
+            if blown {
+                return Err(EngineError::PoolExhausted);
+            }
+            self.blow_tables()?;
+            blown = true;
+        }
+    }
+
+    /// Sets aside pool blocks of `orders` before an operation changes anything, so that
+    /// the operation cannot run out half-way.
+    pub(crate) fn prealloc(&mut self, orders: &[u8]) -> Result<(), EngineError> {
+        for &order in orders {
+            let block = self.alloc_evicting(order)?;
+            self.reserve.blocks.push((block, order));
+        }
+        Ok(())
+    }
+
+    /// Gives unused reserved blocks back to the pool.
+    pub(crate) fn release_reserve(&mut self) {
+        for (block, order) in core::mem::take(&mut self.reserve.blocks) {
+            // A reserved block came from this pool, so freeing it cannot fail; if it does,
+            // the pool's own check reports the inconsistency to the auditor.
+            let _ = self.pool.free(block, order);
+        }
+    }
+
+    /// Tears down up to `budget` dying shadows.
+    pub(crate) fn reap(&mut self, budget: usize) -> Result<(), EngineError> {
+        for _ in 0..budget {
+            if !self.reap_one()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tears down one dying shadow: clears its entries (dropping its references) and gives
+    /// its pages back to the pool. False if none is dying.
+    pub(crate) fn reap_one(&mut self) -> Result<bool, EngineError> {
+        let Some(head) = self.store.next_dying() else {
+            return Ok(false);
+        };
+        let order = self
+            .store
+            .info(head)
+            .map(|i| i.order)
+            .ok_or(EngineError::Internal("dying shadow without metadata"))?;
+        let width = self.sentry_bytes();
+        let bytes = PAGE_SIZE << order;
+        let mut offset = 0;
+        while offset < bytes {
+            let slot = Maddr::new(head.base().raw() + offset);
+            if self.host.read_entry(slot, width)? != 0 {
+                self.set_sentry(slot, 0)?;
+            }
+            offset += width;
+        }
+        self.store.forget(head);
+        self.pool.free(head, order)?;
+        self.stats.shadows_destroyed += 1;
+        Ok(true)
+    }
+
+    /// Whether `head` is a top-level shadow some vcpu uses now.
+    pub(crate) fn in_use(&self, head: Mfn) -> bool {
+        self.vcpus
+            .iter()
+            .any(|v| v.tops().any(|t| t == head) || v.vcpu_top == Some(head))
+    }
+
+    /// Unpins the least recently used top-level shadow that no vcpu uses.
+    pub(crate) fn evict_one(&mut self) -> Result<bool, EngineError> {
+        let victim = self.store.pinned_lru().find(|&head| !self.in_use(head));
+        let Some(head) = victim else {
+            return Ok(false);
+        };
+        if let Some(dead) = self.store.unpin(head) {
+            self.store.unhash(dead);
+        }
+        self.stats.evictions += 1;
+        self.pending_flush = self.all_vcpus();
+        Ok(true)
+    }
+
+    /// Throws away every shadow not needed to keep the vcpus' roots valid: unpins every
+    /// unused top, empties the tops in use, and tears down everything that falls.
+    pub(crate) fn blow_tables(&mut self) -> Result<(), EngineError> {
+        self.stats.blow_tables += 1;
+        let pinned: alloc::vec::Vec<Mfn> = self.store.pinned_lru().collect();
+        for head in pinned {
+            if !self.in_use(head) {
+                if let Some(dead) = self.store.unpin(head) {
+                    self.store.unhash(dead);
+                }
+                self.stats.evictions += 1;
+            }
+        }
+        let in_use: alloc::vec::Vec<Mfn> = self.vcpus.iter().flat_map(|v| v.tops()).collect();
+        for head in in_use {
+            self.clear_shadow(head)?;
+        }
+        while self.reap_one()? {}
+        self.pending_flush = self.all_vcpus();
+        Ok(())
+    }
+
+    /// Clears every entry of a shadow (it stays, empty).
+    pub(crate) fn clear_shadow(&mut self, head: Mfn) -> Result<(), EngineError> {
+        let Some(order) = self.store.info(head).map(|i| i.order) else {
+            return Ok(());
+        };
+        let width = self.sentry_bytes();
+        let mut offset = 0;
+        while offset < PAGE_SIZE << order {
+            let slot = Maddr::new(head.base().raw() + offset);
+            if self.host.read_entry(slot, width)? != 0 {
+                self.set_sentry(slot, 0)?;
+            }
+            offset += width;
+        }
+        Ok(())
+    }
+
+    /// Forgets which top-level shadows a vcpu uses (they stay pinned, in MRU order) and
+    /// empties its own top block.
+    pub(crate) fn release_vcpu_tops(&mut self, v: usize) -> Result<(), EngineError> {
+        let Some(vcpu) = self.vcpus.get_mut(v) else {
+            return Err(EngineError::BadArgument("no such vcpu"));
+        };
+        vcpu.tops = [None; 4];
+        vcpu.root = None;
+        if let Some(top) = vcpu.vcpu_top {
+            self.clear_shadow(top)?;
+        }
+        self.pending_reload = self.pending_reload.union(VcpuSet::one(v));
+        Ok(())
+    }
+}
+
+/// Whether shadow entry `new` allows everything `old` allowed (so no flush is needed).
+fn grants_at_least(old: u64, new: u64, same_frame: bool) -> bool {
+    let present = new & bits::P != 0 && !is_magic(new);
+    present
+        && same_frame
+        && (old & bits::RW == 0 || new & bits::RW != 0)
+        && (old & bits::US == 0 || new & bits::US != 0)
+        && (old & bits::NX != 0 || new & bits::NX == 0)
+}

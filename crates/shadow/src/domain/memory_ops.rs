@@ -1,0 +1,281 @@
+//! Changes to guest memory and to the p2m: every write to a shadowed guest page table is
+//! reflected into all its shadows (L1 shadows before L2s before L3s, so no walk sees a new
+//! upper entry above an old lower one); a changed p2m entry removes every shadow mapping of
+//! the old frame.
+
+use alloc::vec::Vec;
+
+use super::{Domain, EngineError};
+use crate::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SIZE};
+use crate::flush::Flush;
+use crate::host::MachineMemory;
+use crate::multi::Pair;
+use crate::p2m::{P2mEntry, P2mType};
+use crate::paging::PhysMem;
+
+impl<H: MachineMemory> Domain<H> {
+    /// Marks a guest frame dirty (log-dirty mode).
+    pub(crate) fn mark_dirty(&mut self, gfn: Gfn) {
+        if let Some(log) = self.log_dirty.as_mut()
+            && log.dirty.set(gfn)
+        {
+            self.stats.dirty_marked += 1;
+        }
+    }
+
+    /// Bookkeeping after guest memory at `gpa..gpa+len` (inside one page) changed: the page
+    /// is dirty, and every shadow of it is brought up to date.
+    pub(crate) fn after_guest_write(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
+        let gfn = gpa.gfn();
+        self.mark_dirty(gfn);
+        if let Some((mfn, P2mType::Ram)) = self.guest_frame(gfn) {
+            self.validate_frame(mfn, gpa.offset(), len)?;
+        }
+        Ok(())
+    }
+
+    /// Reflects bytes `offset..offset+len` of guest frame `mfn` into each of its shadows.
+    pub(crate) fn validate_frame(
+        &mut self,
+        mfn: Mfn,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
+        let mut shadows: Vec<_> = self.store.of_frame(mfn).collect();
+        if shadows.is_empty() {
+            return Ok(());
+        }
+        shadows.sort_by_key(|(key, _)| key.kind.level());
+        for (key, head) in shadows {
+            // A validate earlier in this loop may have torn this shadow down.
+            if self.store.lookup(&key) != Some(head) {
+                continue;
+            }
+            let guest = key
+                .kind
+                .guest_levels()
+                .ok_or(EngineError::Internal("hashed shadow without a guest mode"))?;
+            let pair = Pair::new(guest, self.config.shadow_levels)
+                .ok_or(EngineError::Internal("a shadow of an unsupported pair"))?;
+            pair.validate(self, head, key, offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to guest-physical memory at `gpa` on the guest's behalf (an emulated
+    /// instruction, a hypercall) and reflects it into the shadows. May cross pages.
+    pub fn write_guest_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<Flush, EngineError> {
+        self.run(|d| {
+            d.stats.emulated_writes += 1;
+            let mut done = 0usize;
+            while done < data.len() {
+                let addr = Gpa::new(gpa.raw().wrapping_add(done as u64));
+                let room = (PAGE_SIZE - addr.offset()) as usize;
+                let chunk = room.min(data.len() - done);
+                let bytes = data
+                    .get(done..done + chunk)
+                    .ok_or(EngineError::Internal("write chunk out of range"))?;
+                let Some((mfn, P2mType::Ram)) = d.guest_frame(addr.gfn()) else {
+                    return Err(EngineError::BadArgument("write to non-RAM guest memory"));
+                };
+                write_bytes(
+                    &mut d.host,
+                    Maddr::new(mfn.base().raw() | addr.offset()),
+                    bytes,
+                )?;
+                d.after_guest_write(addr, chunk as u64)?;
+                done += chunk;
+            }
+            Ok(())
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Reads guest-physical memory (for an emulator, or a host inspecting the guest).
+    pub fn read_guest_phys(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), EngineError> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let addr = Gpa::new(gpa.raw().wrapping_add(done as u64));
+            let room = (PAGE_SIZE - addr.offset()) as usize;
+            let chunk = room.min(out.len() - done);
+            let Some((mfn, P2mType::Ram)) = self.guest_frame(addr.gfn()) else {
+                return Err(EngineError::BadArgument("read of non-RAM guest memory"));
+            };
+            let dst = out
+                .get_mut(done..done + chunk)
+                .ok_or(EngineError::Internal("read chunk out of range"))?;
+            read_bytes(
+                &self.host,
+                Maddr::new(mfn.base().raw() | addr.offset()),
+                dst,
+            )?;
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// After the host wrote guest page-table memory itself (under the shadow lock), brings
+    /// the shadows of `gpa..gpa+len` up to date (Xen's `shadow_validate_guest_pt_write`).
+    pub fn validate_guest_pt_write(&mut self, gpa: Gpa, len: u64) -> Result<Flush, EngineError> {
+        self.run(|d| {
+            let mut done = 0u64;
+            while done < len {
+                let addr = Gpa::new(gpa.raw().wrapping_add(done));
+                let chunk = (PAGE_SIZE - addr.offset()).min(len - done);
+                d.after_guest_write(addr, chunk)?;
+                done += chunk;
+            }
+            Ok(())
+        })
+        .map(|((), f)| f)
+    }
+
+    /// One guest entry changed (Xen's `shadow_validate_guest_entry`).
+    pub fn validate_guest_entry(&mut self, gpa: Gpa) -> Result<Flush, EngineError> {
+        self.validate_guest_pt_write(Gpa::new(gpa.raw() & !7), 8)
+    }
+
+    /// Whether a machine frame belongs to the hypervisor side (pool, p2m tables,
+    /// hypervisor frames) and so may never be given to the guest.
+    fn forbidden(&self, mfn: Mfn) -> bool {
+        self.pool.contains(mfn)
+            || self.hypervisor_frames.contains(&mfn)
+            || self.p2m.as_ref().is_some_and(|p| p.owns_table_frame(mfn))
+    }
+
+    /// Declares frames of the hypervisor (a monitor area, trap stubs...): no guest mapping
+    /// may point at them.
+    pub fn add_hypervisor_frame(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        if self.pool.contains(mfn) || self.m2p.contains_key(&mfn) || self.owned.contains(&mfn) {
+            return Err(EngineError::ForbiddenFrame(mfn));
+        }
+        self.hypervisor_frames.insert(mfn);
+        Ok(())
+    }
+
+    /// Changes the p2m entry of `gfn` (translated domains): maps it to a machine frame of
+    /// RAM or MMIO, or unmaps it. Every shadow mapping and every shadow of the old frame is
+    /// removed first.
+    pub fn set_p2m(
+        &mut self,
+        gfn: Gfn,
+        mapping: Option<(Mfn, P2mType)>,
+    ) -> Result<Flush, EngineError> {
+        if let Some((mfn, P2mType::Ram)) = mapping
+            && self.forbidden(mfn)
+        {
+            return Err(EngineError::ForbiddenFrame(mfn));
+        }
+        self.run(|d| {
+            let old = {
+                let p2m = d.p2m.as_ref().ok_or(EngineError::BadArgument(
+                    "a non-translated domain has no p2m",
+                ))?;
+                if gfn >= p2m.max_gfn() {
+                    return Err(EngineError::BadArgument("gfn beyond the p2m"));
+                }
+                p2m.lookup(&d.host, gfn)
+            };
+            if let Some(P2mEntry {
+                mfn,
+                ty: P2mType::Ram,
+                ..
+            }) = old
+            {
+                d.remove_all_mappings(mfn)?;
+                d.unshadow(mfn)?;
+                if let Some(set) = d.m2p.get_mut(&mfn) {
+                    set.remove(&gfn);
+                    if set.is_empty() {
+                        d.m2p.remove(&mfn);
+                    }
+                }
+            }
+            d.clear_mmio_magic(gfn)?;
+            d.p2m_writable.remove(&gfn);
+            let entry = mapping.map(|(mfn, ty)| P2mEntry::new(mfn, ty).with_writable(false));
+            if let Some(p2m) = d.p2m.as_mut() {
+                p2m.set_entry(&mut d.host, gfn, entry)?;
+            }
+            if let Some((mfn, P2mType::Ram)) = mapping {
+                d.m2p.entry(mfn).or_default().insert(gfn);
+            }
+            d.pending_flush = d.all_vcpus();
+            Ok(())
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Gives a machine frame to a non-translated domain.
+    pub fn add_frame(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        if self.p2m.is_some() {
+            return Err(EngineError::BadArgument(
+                "a translated domain takes frames through its p2m",
+            ));
+        }
+        if self.forbidden(mfn) {
+            return Err(EngineError::ForbiddenFrame(mfn));
+        }
+        self.owned.insert(mfn);
+        Ok(())
+    }
+
+    /// Takes a machine frame away from a non-translated domain: every mapping and every
+    /// shadow of it goes first.
+    pub fn remove_frame(&mut self, mfn: Mfn) -> Result<Flush, EngineError> {
+        self.run(|d| {
+            d.remove_all_mappings(mfn)?;
+            d.unshadow(mfn)?;
+            d.owned.remove(&mfn);
+            d.pending_flush = d.all_vcpus();
+            Ok(())
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Clears fast-path MMIO entries naming `gfn` (it is becoming RAM, or changing).
+    fn clear_mmio_magic(&mut self, gfn: Gfn) -> Result<(), EngineError> {
+        if !self.fast_path_on() {
+            return Ok(());
+        }
+        let magic = super::entries::magic_mmio(gfn.raw());
+        let leaves: Vec<(Mfn, u8)> = self
+            .store
+            .shadows()
+            .filter(|(_, i)| i.key.kind.is_leaf_table())
+            .map(|(h, i)| (h, i.order))
+            .collect();
+        self.rewrite_entries(&leaves, |_, e| (e == magic).then_some(0))
+    }
+}
+
+/// Writes bytes to machine memory with aligned 8-byte read-modify-writes.
+pub(crate) fn write_bytes<M: PhysMem<Maddr> + ?Sized>(
+    mem: &mut M,
+    addr: Maddr,
+    data: &[u8],
+) -> Result<(), EngineError> {
+    for (i, byte) in data.iter().enumerate() {
+        let a = addr.raw() + i as u64;
+        let word = Maddr::new(a & !7);
+        let shift = (a & 7) * 8;
+        let old = mem.read_u64(word)?;
+        let new = (old & !(0xffu64 << shift)) | (u64::from(*byte) << shift);
+        mem.write_u64(word, new)?;
+    }
+    Ok(())
+}
+
+/// Reads bytes from machine memory.
+pub(crate) fn read_bytes<M: PhysMem<Maddr> + ?Sized>(
+    mem: &M,
+    addr: Maddr,
+    out: &mut [u8],
+) -> Result<(), EngineError> {
+    for (i, byte) in out.iter_mut().enumerate() {
+        let a = addr.raw() + i as u64;
+        let word = mem.read_u64(Maddr::new(a & !7))?;
+        *byte = (word >> ((a & 7) * 8)) as u8;
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! A shadowed domain: its start-of-domain modes, vcpus, pool, p2m, shadows, log-dirty state
+//! and statistics, and the operations of seed slide "Interface to the rest of Xen".
+//!
+//! All of it sits behind one lock, the shadow lock: every operation takes `&mut Domain`, so
+//! no shadow can be touched without exclusive access; a host shares a domain between
+//! threads through [`ShadowLock`] (with the `std` feature) or its own mutex.
+
+mod config;
+mod control;
+pub(crate) mod entries;
+pub(crate) mod guest_mem;
+mod memory_ops;
+mod vcpu;
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+
+pub use config::{DomainConfig, EngineError, GuestFault, RefcountMode};
+pub use control::{CleanProgress, ShadowOp, ShadowOpResult};
+pub use vcpu::Vcpu;
+
+use crate::addr::{Gfn, Gva, Mfn};
+use crate::flush::{Flush, VcpuSet};
+use crate::hash::ShadowStore;
+use crate::host::MachineMemory;
+use crate::log_dirty::DirtyLog;
+use crate::multi::{FaultOutcome, Pair};
+use crate::p2m::P2m;
+use crate::paging::{ControlState, PagingLevels, PfErrorCode, bits::cr};
+use crate::pool::Pool;
+use crate::stats::Stats;
+use guest_mem::FrameMap;
+
+/// Pool blocks set aside before an operation changes anything, so that the operation
+/// cannot fail half-way for want of a shadow page.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Reserve {
+    blocks: Vec<(Mfn, u8)>,
+}
+
+/// A shadowed domain. See the module documentation.
+#[derive(Debug)]
+pub struct Domain<H: MachineMemory> {
+    pub(crate) host: H,
+    pub(crate) config: DomainConfig,
+    pub(crate) pool: Pool,
+    pub(crate) pool_target: usize,
+    pub(crate) p2m: Option<P2m>,
+    /// Machine frame -> guest frames mapping it (the reverse of the p2m).
+    pub(crate) m2p: BTreeMap<Mfn, BTreeSet<Gfn>>,
+    /// Frames a non-translated domain owns.
+    pub(crate) owned: BTreeSet<Mfn>,
+    /// Guest frames whose p2m entry is writable: vcpus with paging disabled run on the p2m,
+    /// so entries start read-only and become writable on a first write, and this set is
+    /// what log-dirty mode and page-table promotion must re-protect.
+    pub(crate) p2m_writable: BTreeSet<Gfn>,
+    /// Frames of the hypervisor that no guest mapping may point at.
+    pub(crate) hypervisor_frames: BTreeSet<Mfn>,
+    pub(crate) store: ShadowStore,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) log_dirty: Option<DirtyLog>,
+    pub(crate) cleaning: Option<control::Cleaning>,
+    pub(crate) test_mode: bool,
+    pub(crate) stats: Stats,
+    pub(crate) reserve: Reserve,
+    /// TLB flushes owed by the operation in progress.
+    pub(crate) pending_flush: VcpuSet,
+    /// Vcpus whose hardware must reload CR3 (their root or its PDPTEs changed).
+    pub(crate) pending_reload: VcpuSet,
+    pub(crate) failed: Option<EngineError>,
+    /// Shadow entries changed so far (tells a fix from a spurious fault).
+    pub(crate) entries_written: u64,
+}
+
+impl<H: MachineMemory> Domain<H> {
+    /// Creates a domain on `host` with the given start-of-domain modes: builds the pool and
+    /// (translated domains) an empty p2m. Every vcpu starts with paging disabled.
+    pub fn new(mut host: H, config: DomainConfig) -> Result<Domain<H>, EngineError> {
+        if config.vcpus == 0 || config.vcpus > 64 {
+            return Err(EngineError::BadArgument("vcpus must be 1..=64"));
+        }
+        if config.shadow_levels == PagingLevels::Zero {
+            return Err(EngineError::BadArgument(
+                "shadow tables need 2, 3 or 4 levels",
+            ));
+        }
+        let pool_target = config.pool_pages.max(config.min_pool_pages());
+        let mut pool = Pool::new();
+        loop {
+            match pool.resize_step(&mut host, pool_target, 64)? {
+                crate::pool::ResizeProgress::Done => break,
+                crate::pool::ResizeProgress::More => {}
+                crate::pool::ResizeProgress::NeedsEviction { .. } => {
+                    return Err(EngineError::Internal("a new pool needs eviction"));
+                }
+            }
+        }
+        let p2m = if config.translated {
+            Some(P2m::new(&mut host, config.shadow_levels)?)
+        } else {
+            None
+        };
+        let mut config = config;
+        config.guest_features.pdpe1gb = false;
+        Ok(Domain {
+            host,
+            config,
+            pool,
+            pool_target,
+            p2m,
+            m2p: BTreeMap::new(),
+            owned: BTreeSet::new(),
+            p2m_writable: BTreeSet::new(),
+            hypervisor_frames: BTreeSet::new(),
+            store: ShadowStore::new(),
+            vcpus: alloc::vec![Vcpu::default(); config.vcpus],
+            log_dirty: None,
+            cleaning: None,
+            test_mode: false,
+            stats: Stats::default(),
+            reserve: Reserve::default(),
+            pending_flush: VcpuSet::NONE,
+            pending_reload: VcpuSet::NONE,
+            failed: None,
+            entries_written: 0,
+        })
+    }
+
+    /// The start-of-domain modes.
+    pub fn config(&self) -> &DomainConfig {
+        &self.config
+    }
+    /// The host (machine memory).
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+    /// The host, mutably. Writing guest page tables behind the engine's back breaks the
+    /// shadows: call [`Domain::validate_guest_pt_write`] after such a write.
+    pub fn host_mut(&mut self) -> &mut H {
+        &mut self.host
+    }
+    /// The shadow pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+    /// The p2m (translated domains).
+    pub fn p2m(&self) -> Option<&P2m> {
+        self.p2m.as_ref()
+    }
+    /// The shadows.
+    pub fn shadows(&self) -> &ShadowStore {
+        &self.store
+    }
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+    /// A vcpu.
+    pub fn vcpu(&self, v: usize) -> Option<&Vcpu> {
+        self.vcpus.get(v)
+    }
+    /// Number of vcpus.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+    /// Why the domain failed, if it did.
+    pub fn failure(&self) -> Option<EngineError> {
+        self.failed
+    }
+    /// Whether log-dirty mode is on.
+    pub fn log_dirty_enabled(&self) -> bool {
+        self.log_dirty.is_some()
+    }
+    /// Whether shadow test mode is on.
+    pub fn test_mode(&self) -> bool {
+        self.test_mode
+    }
+    /// Hypervisor frames: no guest mapping may point at them.
+    pub fn hypervisor_frames(&self) -> impl Iterator<Item = Mfn> + '_ {
+        self.hypervisor_frames.iter().copied()
+    }
+    /// Frames a non-translated domain owns.
+    pub fn owned_frames(&self) -> impl Iterator<Item = Mfn> + '_ {
+        self.owned.iter().copied()
+    }
+
+    /// How guest frames become machine frames in this domain.
+    pub(crate) fn frame_map(&self) -> FrameMap<'_> {
+        match &self.p2m {
+            Some(p2m) => FrameMap::Translated(p2m),
+            None => FrameMap::Direct(&self.owned),
+        }
+    }
+
+    /// The machine frame and type behind a guest frame.
+    pub fn guest_frame(&self, gfn: Gfn) -> Option<(Mfn, crate::p2m::P2mType)> {
+        self.frame_map().lookup(&self.host, gfn)
+    }
+
+    /// Sets a vcpu's guest control registers (the host calls this on CR0/CR3/CR4/EFER
+    /// writes, then [`Domain::update_paging_modes`] or [`Domain::update_cr3`]).
+    pub fn set_control(&mut self, v: usize, ctl: ControlState) -> Result<(), EngineError> {
+        let vcpu = self
+            .vcpus
+            .get_mut(v)
+            .ok_or(EngineError::BadArgument("no such vcpu"))?;
+        let pdptes = vcpu.ctl.pdptes;
+        vcpu.ctl = ctl;
+        // The PDPTE registers only change at a CR3 load, which the engine performs.
+        vcpu.ctl.pdptes = pdptes;
+        Ok(())
+    }
+
+    /// The control state the hardware must run a vcpu with to walk its shadows: paging on,
+    /// CR0.WP set (so that read-only shadow entries trap supervisor writes), the shadow
+    /// mode's PAE/LMA and NXE, the guest's SMEP/SMAP/PKE/PGE where the guest pages, and
+    /// CR3 = the shadow root.
+    pub fn hardware_control(&self, v: usize) -> Option<ControlState> {
+        let vcpu = self.vcpus.get(v)?;
+        let root = vcpu.root?;
+        let guest = &vcpu.ctl;
+        let mut cr4 = 0;
+        if guest.levels() != PagingLevels::Zero {
+            cr4 |= guest.cr4 & (cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PKE | cr::CR4_PGE);
+        }
+        let mut efer = 0;
+        match self.config.shadow_levels {
+            PagingLevels::Four => {
+                cr4 |= cr::CR4_PAE;
+                efer |= cr::EFER_LME | cr::EFER_LMA | cr::EFER_NXE;
+            }
+            PagingLevels::Three => {
+                cr4 |= cr::CR4_PAE;
+                efer |= cr::EFER_NXE;
+            }
+            _ => {}
+        }
+        if self.config.shadow_levels != PagingLevels::Four {
+            cr4 &= !cr::CR4_PKE;
+        }
+        Some(ControlState {
+            cr0: cr::CR0_PE | cr::CR0_PG | cr::CR0_WP,
+            cr3: root.base().raw(),
+            cr4,
+            efer,
+            rflags: guest.rflags,
+            pkru: guest.pkru,
+            pdptes: [0; 4],
+        })
+    }
+
+    /// Vcpus whose hardware must reload CR3 from [`Domain::hardware_control`] (their root,
+    /// or the PDPTEs a PAE root holds, changed). Taking the set clears it.
+    pub fn take_reloads(&mut self) -> VcpuSet {
+        core::mem::take(&mut self.pending_reload)
+    }
+
+    /// Runs `op`, failing the domain on a fatal error and returning the TLB flush the
+    /// operation owes.
+    fn run<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, EngineError>,
+    ) -> Result<(T, Flush), EngineError> {
+        if self.failed.is_some() {
+            return Err(EngineError::DomainFailed);
+        }
+        self.pending_flush = VcpuSet::NONE;
+        let result = op(self);
+        self.release_reserve();
+        let result = result.and_then(|value| {
+            self.reap(8)?;
+            if self.test_mode && !crate::audit::audit(self).is_clean() {
+                return Err(EngineError::Internal("shadow test mode: the audit failed"));
+            }
+            Ok(value)
+        });
+        match result {
+            Ok(value) => {
+                let flush = Flush::of(core::mem::take(&mut self.pending_flush));
+                if !flush.is_empty() {
+                    self.stats.flushes += 1;
+                }
+                Ok((value, flush))
+            }
+            Err(e) => {
+                if e.is_fatal() {
+                    self.failed = Some(e);
+                }
+                // Whatever was changed before the error may be cached: flush everyone.
+                self.pending_flush = VcpuSet::NONE;
+                Err(e)
+            }
+        }
+    }
+
+    fn check_vcpu(&self, v: usize) -> Result<(), EngineError> {
+        if v < self.vcpus.len() {
+            Ok(())
+        } else {
+            Err(EngineError::BadArgument("no such vcpu"))
+        }
+    }
+
+    /// Chooses the vcpu's M-on-N pair from its control state (CR0.PG, CR4.PAE, EFER.LMA) and
+    /// loads its shadow root. Call after any change of CR0, CR4 or EFER.
+    pub fn update_paging_modes(&mut self, v: usize) -> Result<Flush, EngineError> {
+        self.check_vcpu(v)?;
+        self.run(|d| {
+            d.stats.mode_updates += 1;
+            let levels = d.vcpus[v].ctl.levels();
+            let pair =
+                Pair::new(levels, d.config.shadow_levels).ok_or(EngineError::UnsupportedPair {
+                    guest: levels.count(),
+                    shadow: d.config.shadow_levels.count(),
+                })?;
+            if levels == PagingLevels::Zero && d.p2m.is_none() {
+                return Err(EngineError::BadArgument(
+                    "a non-translated guest cannot run with paging disabled",
+                ));
+            }
+            d.release_vcpu_tops(v)?;
+            d.vcpus[v].pair = Some(pair);
+            d.vcpus[v].flavor = d.vcpus[v].wanted_flavor();
+            d.pending_flush = d.pending_flush.union(VcpuSet::one(v));
+            pair.update_cr3(d, v)
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Loads the shadow of the guest's new CR3 (a cached top-level shadow is reused). Call
+    /// after a guest CR3 write. In PAE mode this reads the guest's four PDPTEs, as the
+    /// hardware does; reserved bits in a present one give `Guest(GeneralProtection)` and
+    /// leave the vcpu as it was.
+    pub fn update_cr3(&mut self, v: usize) -> Result<Flush, EngineError> {
+        self.check_vcpu(v)?;
+        self.run(|d| {
+            let pair = d.vcpus[v]
+                .pair
+                .ok_or(EngineError::BadArgument("update_paging_modes first"))?;
+            if d.vcpus[v].wanted_flavor() != d.vcpus[v].flavor {
+                d.release_vcpu_tops(v)?;
+                d.vcpus[v].flavor = d.vcpus[v].wanted_flavor();
+            }
+            pair.update_cr3(d, v)
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Handles a page fault the hardware raised while running vcpu `v` on its shadows.
+    pub fn page_fault(
+        &mut self,
+        v: usize,
+        va: Gva,
+        error_code: PfErrorCode,
+    ) -> Result<(FaultOutcome, Flush), EngineError> {
+        self.check_vcpu(v)?;
+        self.run(|d| {
+            d.stats.faults += 1;
+            let pair = d.vcpus[v]
+                .pair
+                .ok_or(EngineError::BadArgument("vcpu has no paging mode yet"))?;
+            let outcome = pair.page_fault(d, v, va, error_code)?;
+            match outcome {
+                FaultOutcome::Fixed => d.stats.fault_fixed += 1,
+                FaultOutcome::Spurious => d.stats.fault_spurious += 1,
+                FaultOutcome::Propagate(_) => d.stats.fault_propagated += 1,
+                FaultOutcome::Emulate { .. } => d.stats.fault_emulate += 1,
+                FaultOutcome::Mmio { .. } => d.stats.fault_mmio += 1,
+            }
+            Ok(outcome)
+        })
+    }
+
+    /// INVLPG by the guest: returns whether the hardware must flush `va` (the shadows are
+    /// always in sync, so only the TLB can be stale).
+    pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<bool, EngineError> {
+        self.check_vcpu(v)?;
+        self.run(|d| {
+            d.stats.invlpg += 1;
+            let pair = d.vcpus[v]
+                .pair
+                .ok_or(EngineError::BadArgument("vcpu has no paging mode yet"))?;
+            Ok(pair.invlpg(d, v, va))
+        })
+        .map(|(b, _)| b)
+    }
+}
+
+/// A domain behind a mutex: the shadow lock, for hosts that share a domain between threads.
+#[cfg(feature = "std")]
+#[derive(Debug)]
+pub struct ShadowLock<H: MachineMemory>(std::sync::Mutex<Domain<H>>);
+
+#[cfg(feature = "std")]
+impl<H: MachineMemory> ShadowLock<H> {
+    /// Wraps a domain.
+    pub fn new(domain: Domain<H>) -> Self {
+        ShadowLock(std::sync::Mutex::new(domain))
+    }
+    /// Takes the shadow lock. A poisoned lock (a thread panicked while holding it) is
+    /// still handed out: the domain's own state says whether it failed.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Domain<H>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests;

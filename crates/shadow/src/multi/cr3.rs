@@ -1,0 +1,158 @@
+//! Loading a vcpu's shadow root for its guest CR3: find (or make) and pin the top-level
+//! shadows, read a PAE guest's four PDPTEs as the hardware does, and write the vcpu's own
+//! top block where the shadow has more levels than the guest's hashed top.
+
+use super::{Engine, Supported};
+use crate::addr::{Gpa, Maddr, Mfn};
+use crate::domain::guest_mem::{FrameMap, GuestMem, gfn_of};
+use crate::domain::{Domain, EngineError, GuestFault};
+use crate::flush::VcpuSet;
+use crate::host::MachineMemory;
+use crate::p2m::P2mType;
+use crate::paging::{PagingLevels, PagingMode, PdptLoadError, bits, load_pae_pdptes};
+use crate::types::{ShadowKey, ShadowKind};
+
+impl<G: PagingMode, S: PagingMode> Engine<G, S>
+where
+    (G, S): Supported,
+{
+    pub(super) fn update_cr3<H: MachineMemory>(
+        d: &mut Domain<H>,
+        v: usize,
+    ) -> Result<(), EngineError> {
+        d.stats.cr3_loads += 1;
+        d.pending_reload = d.pending_reload.union(VcpuSet::one(v));
+        if G::NUM_LEVELS == 0 {
+            Self::drop_vcpu_top(d, v);
+            let root = d
+                .p2m
+                .as_ref()
+                .map(|p| p.root())
+                .ok_or(EngineError::Internal("paging disabled without a p2m"))?;
+            d.vcpus[v].tops = [None; 4];
+            d.vcpus[v].root = Some(root);
+            return Ok(());
+        }
+        let ctl = d.vcpus[v].ctl;
+        let flavor = d.vcpus[v].flavor;
+        let top_kind = Self::kind(Self::HASHED_TOP)?;
+
+        // Every guest frame the new tops shadow, read before anything changes.
+        let mut frames: [Option<Mfn>; 4] = [None; 4];
+        let mut pdptes = [0u64; 4];
+        if G::LEVELS == PagingLevels::Three {
+            pdptes = Self::load_pdptes(d, ctl.cr3)?;
+            for (i, pdpte) in pdptes.iter().enumerate() {
+                if pdpte & bits::P != 0
+                    && let Some((mfn, P2mType::Ram)) =
+                        d.guest_frame(gfn_of(pdpte & bits::ADDR_MASK_8))
+                {
+                    frames[i] = Some(mfn);
+                }
+            }
+        } else {
+            let gfn = gfn_of(G::root_table(ctl.cr3));
+            match d.guest_frame(gfn) {
+                Some((mfn, P2mType::Ram)) => frames[0] = Some(mfn),
+                _ => return Err(EngineError::Guest(GuestFault::GeneralProtection)),
+            }
+        }
+
+        let mut orders = alloc::vec::Vec::new();
+        for frame in frames.iter().flatten() {
+            let key = ShadowKey {
+                frame: frame.raw(),
+                kind: top_kind,
+                flavor,
+            };
+            if d.store.lookup(&key).is_none() {
+                orders.push(top_kind.order(S::LEVELS));
+            }
+        }
+        if Self::NEEDS_VCPU_TOP && d.vcpus[v].vcpu_top.is_none() {
+            orders.push(ShadowKind::VcpuTop.order(S::LEVELS));
+        }
+        d.prealloc(&orders)?;
+
+        d.vcpus[v].ctl.pdptes = pdptes;
+        d.vcpus[v].tops = [None; 4];
+        let mut cached = true;
+        let mut tops: [Option<Mfn>; 4] = [None; 4];
+        for (i, frame) in frames.iter().enumerate() {
+            let Some(frame) = frame else { continue };
+            let key = ShadowKey {
+                frame: frame.raw(),
+                kind: top_kind,
+                flavor,
+            };
+            let (head, created) = d.get_or_create(key)?;
+            cached &= !created;
+            d.store.pin(head);
+            tops[i] = Some(head);
+        }
+        d.vcpus[v].tops = tops;
+        if cached {
+            d.stats.cr3_cached += 1;
+        }
+
+        if !Self::NEEDS_VCPU_TOP {
+            Self::drop_vcpu_top(d, v);
+            d.vcpus[v].root = tops[0];
+            return Ok(());
+        }
+        let vt = match d.vcpus[v].vcpu_top {
+            Some(vt) => vt,
+            None => {
+                let key = ShadowKey {
+                    frame: v as u64,
+                    kind: ShadowKind::VcpuTop,
+                    flavor,
+                };
+                let (vt, _) = d.get_or_create(key)?;
+                d.vcpus[v].vcpu_top = Some(vt);
+                vt
+            }
+        };
+        let (table, pdpte) = if S::NUM_LEVELS == 4 {
+            let l3 = Mfn::new(vt.raw() + 1);
+            d.set_sentry(vt.base(), Self::top_sentry(l3, false))?;
+            (l3, false)
+        } else {
+            (vt, true)
+        };
+        for i in 0..4u64 {
+            let child = if G::LEVELS == PagingLevels::Two {
+                tops[0].map(|t| Mfn::new(t.raw() + i))
+            } else {
+                tops.get(i as usize).copied().flatten()
+            };
+            let entry = child.map_or(0, |c| Self::top_sentry(c, pdpte));
+            d.set_sentry(Maddr::new(table.base().raw() + 8 * i), entry)?;
+        }
+        d.vcpus[v].root = Some(vt);
+        Ok(())
+    }
+
+    /// Reads the PAE PDPTEs named by `cr3` through guest memory (SDM 4.4.1).
+    fn load_pdptes<H: MachineMemory>(d: &mut Domain<H>, cr3: u64) -> Result<[u64; 4], EngineError> {
+        let feat = d.config.guest_features;
+        let map = match &d.p2m {
+            Some(p2m) => FrameMap::Translated(p2m),
+            None => FrameMap::Direct(&d.owned),
+        };
+        let mem = GuestMem::new(&mut d.host, map);
+        match load_pae_pdptes::<Gpa, _>(&mem, cr3, &feat) {
+            Ok(p) => Ok(p),
+            Err(PdptLoadError::ReservedBits { .. }) | Err(PdptLoadError::Memory(_)) => {
+                Err(EngineError::Guest(GuestFault::GeneralProtection))
+            }
+        }
+    }
+
+    /// Gives back a vcpu's own top block when its new pair has none.
+    fn drop_vcpu_top<H: MachineMemory>(d: &mut Domain<H>, v: usize) {
+        if let Some(vt) = d.vcpus[v].vcpu_top.take() {
+            d.store.unhash(vt);
+        }
+    }
+}

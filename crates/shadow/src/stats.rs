@@ -1,0 +1,107 @@
+//! Counters for every kind of fault and outcome (the statistics control op).
+
+/// Engine counters of one domain. Every trap the engine handles is counted once under
+/// exactly one of the `fault_*` outcomes, so traps per guest operation can be derived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Page faults handed to the engine.
+    pub faults: u64,
+    /// Faults fixed by writing shadow entries (the guest retries).
+    pub fault_fixed: u64,
+    /// Faults reflected to the guest, which must see them.
+    pub fault_propagated: u64,
+    /// Faults that need the write emulated (a write to a shadowed page table).
+    pub fault_emulate: u64,
+    /// Faults on MMIO space.
+    pub fault_mmio: u64,
+    /// Faults that needed nothing (another vcpu had already fixed the entry).
+    pub fault_spurious: u64,
+    /// Faults recognised from the shadow entry alone (reserved-bit fast path).
+    pub fast_path: u64,
+    /// Of those, guest-not-present faults propagated without a guest walk.
+    pub fast_path_not_present: u64,
+    /// Of those, MMIO faults.
+    pub fast_path_mmio: u64,
+    /// Faults that found the shadow L1 entry read-only because the guest entry's D was
+    /// clear (the walk set D).
+    pub fault_dirty_bit: u64,
+    /// Faults that set a guest entry's A bit.
+    pub fault_accessed_bit: u64,
+    /// Log-dirty faults: first write to a page since the last clean.
+    pub fault_log_dirty: u64,
+    /// CR3 loads.
+    pub cr3_loads: u64,
+    /// CR3 loads that found their top-level shadow cached.
+    pub cr3_cached: u64,
+    /// Paging-mode updates.
+    pub mode_updates: u64,
+    /// INVLPGs.
+    pub invlpg: u64,
+    /// Guest page-table writes validated into shadows (entries).
+    pub validated_entries: u64,
+    /// Writes emulated or performed on the guest's behalf.
+    pub emulated_writes: u64,
+    /// Shadows created.
+    pub shadows_created: u64,
+    /// Shadows destroyed.
+    pub shadows_destroyed: u64,
+    /// Pages whose shadows were all removed (unshadowed).
+    pub unshadows: u64,
+    /// Top-level shadows unpinned to make room (LRU eviction).
+    pub evictions: u64,
+    /// Times every shadow was thrown away to make room.
+    pub blow_tables: u64,
+    /// Write-access removals when a page became a page table.
+    pub write_access_removals: u64,
+    /// Of those, satisfied by the last-writable-mapping pointer alone.
+    pub write_access_by_pointer: u64,
+    /// Of those, needing a brute-force scan of L1 shadows.
+    pub write_access_by_scan: u64,
+    /// Shadow L1 entries scanned by brute-force searches.
+    pub scanned_entries: u64,
+    /// Mapping removals (p2m changes).
+    pub mapping_removals: u64,
+    /// TLB flushes requested of the host.
+    pub flushes: u64,
+    /// Pages marked dirty in log-dirty mode.
+    pub dirty_marked: u64,
+}
+
+impl Stats {
+    /// Every counter as (name, value), in declaration order: the engine has no serde
+    /// dependency, so hosts print or serialise these pairs.
+    pub fn fields(&self) -> [(&'static str, u64); 30] {
+        [
+            ("faults", self.faults),
+            ("fault_fixed", self.fault_fixed),
+            ("fault_propagated", self.fault_propagated),
+            ("fault_emulate", self.fault_emulate),
+            ("fault_mmio", self.fault_mmio),
+            ("fault_spurious", self.fault_spurious),
+            ("fast_path", self.fast_path),
+            ("fast_path_not_present", self.fast_path_not_present),
+            ("fast_path_mmio", self.fast_path_mmio),
+            ("fault_dirty_bit", self.fault_dirty_bit),
+            ("fault_accessed_bit", self.fault_accessed_bit),
+            ("fault_log_dirty", self.fault_log_dirty),
+            ("cr3_loads", self.cr3_loads),
+            ("cr3_cached", self.cr3_cached),
+            ("mode_updates", self.mode_updates),
+            ("invlpg", self.invlpg),
+            ("validated_entries", self.validated_entries),
+            ("emulated_writes", self.emulated_writes),
+            ("shadows_created", self.shadows_created),
+            ("shadows_destroyed", self.shadows_destroyed),
+            ("unshadows", self.unshadows),
+            ("evictions", self.evictions),
+            ("blow_tables", self.blow_tables),
+            ("write_access_removals", self.write_access_removals),
+            ("write_access_by_pointer", self.write_access_by_pointer),
+            ("write_access_by_scan", self.write_access_by_scan),
+            ("scanned_entries", self.scanned_entries),
+            ("mapping_removals", self.mapping_removals),
+            ("flushes", self.flushes),
+            ("dirty_marked", self.dirty_marked),
+        ]
+    }
+}
