@@ -1,5 +1,6 @@
 //! The `shadow2` command line: one file per subcommand, dispatched from here.
 
+mod check_shadow;
 mod check_walker;
 
 use std::process::ExitCode;
@@ -27,6 +28,9 @@ enum Command {
 enum CheckTarget {
     /// Check the architectural page walker against the SDM rules over the access matrix.
     Walker(check_walker::Args),
+    /// Check the shadow engine on the simulator: random page-table churn, audit after
+    /// every step, oracle on every access.
+    Shadow(check_shadow::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,9 @@ fn main() -> ExitCode {
         Command::Check {
             target: CheckTarget::Walker(args),
         } => check_walker::run(&args),
+        Command::Check {
+            target: CheckTarget::Shadow(args),
+        } => check_shadow::run(&args),
     };
     match result {
         Ok(code) => code,

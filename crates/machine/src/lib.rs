@@ -2,7 +2,14 @@
 //! through any root (the guest's own tables, or the engine's shadow tables) with a TLB.
 //! Also the access matrix: the walker checked against a separate rules function.
 
+pub mod churn;
 pub mod cpu;
 pub mod matrix;
 pub mod memory;
+pub mod oracle;
+pub mod sim;
 pub mod tlb;
+
+pub use cpu::{Cpu, CpuFault, CpuStats, CpuTranslation};
+pub use memory::{GuestPhysView, ReserveError, SparseMemory};
+pub use tlb::{Tlb, TlbEntry, TlbStats};

@@ -128,8 +128,10 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Removes every shadow of guest frame `mfn`: unpins it, unhooks it from every upper
     /// shadow (the up pointer first, a scan if references remain) and from vcpus using it
-    /// as a top level, whose roots are rebuilt. The page is no longer a page table.
-    pub fn unshadow(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+    /// as a top level. The page is no longer a page table. Vcpus that lost their root are
+    /// rebuilt by [`Domain::rebuild_roots`], which the caller runs once its own change (a
+    /// p2m update, say) is complete.
+    pub(crate) fn unshadow(&mut self, mfn: Mfn) -> Result<(), EngineError> {
         let heads: Vec<Mfn> = self.store.of_frame(mfn).map(|(_, h)| h).collect();
         if heads.is_empty() {
             return Ok(());
@@ -153,14 +155,37 @@ impl<H: MachineMemory> Domain<H> {
             }
         }
         self.pending_flush = self.all_vcpus();
+        self.needs_root = self.needs_root.union(reload);
+        Ok(())
+    }
+
+    /// Reloads the shadow root of every vcpu that lost it to an unshadow.
+    pub(crate) fn rebuild_roots(&mut self) -> Result<(), EngineError> {
+        let needs = core::mem::take(&mut self.needs_root);
         for v in 0..self.vcpus.len() {
-            if reload.contains(v)
+            if needs.contains(v)
                 && let Some(pair) = self.vcpus[v].pair
             {
                 pair.update_cr3(self, v)?;
             }
         }
         Ok(())
+    }
+
+    /// Removes every shadow of a guest page and lets the guest write it directly (the page
+    /// stopped being a page table, or an emulation cannot be done).
+    pub fn unshadow_page(
+        &mut self,
+        gfn: crate::addr::Gfn,
+    ) -> Result<crate::flush::Flush, EngineError> {
+        self.run(|d| {
+            if let Some((mfn, crate::p2m::P2mType::Ram)) = d.guest_frame(gfn) {
+                d.unshadow(mfn)?;
+                d.rebuild_roots()?;
+            }
+            Ok(())
+        })
+        .map(|((), f)| f)
     }
 
     /// Clears every upper entry that points into the shadow at `head`.

@@ -120,7 +120,10 @@ impl<H: MachineMemory> Domain<H> {
                         _ => (ShadowOpResult::More, f),
                     })
             }
-            ShadowOp::Stats => Ok((ShadowOpResult::Stats(alloc::boxed::Box::new(self.stats)), Flush::NONE)),
+            ShadowOp::Stats => Ok((
+                ShadowOpResult::Stats(alloc::boxed::Box::new(self.stats)),
+                Flush::NONE,
+            )),
         }
     }
 

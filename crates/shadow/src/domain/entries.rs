@@ -19,11 +19,16 @@ pub(crate) const MAGIC_MMIO: u64 = 2 << 9;
 const MAGIC_TYPE: u64 = 7 << 9;
 const MAGIC_GFN_MASK: u64 = 0x0000_ffff_ffff_f000;
 
+/// The guest leaf's own rights kept in an MMIO magic entry (at their usual positions), so
+/// that the fast path can check the access before calling it MMIO.
+pub(crate) const MAGIC_MMIO_RIGHTS: u64 = bits::RW | bits::US | bits::D | bits::NX;
+
 /// A decoded magic entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Magic {
     NotPresent,
-    Mmio(u64),
+    /// MMIO: the guest frame, and the guest leaf's RW/US/D/NX.
+    Mmio(u64, u64),
 }
 
 pub(crate) fn is_magic(entry: u64) -> bool {
@@ -36,13 +41,16 @@ pub(crate) fn decode_magic(entry: u64) -> Option<Magic> {
     }
     match entry & MAGIC_TYPE {
         MAGIC_NOT_PRESENT => Some(Magic::NotPresent),
-        MAGIC_MMIO => Some(Magic::Mmio((entry & MAGIC_GFN_MASK) >> 12)),
+        MAGIC_MMIO => Some(Magic::Mmio(
+            (entry & MAGIC_GFN_MASK) >> 12,
+            entry & MAGIC_MMIO_RIGHTS,
+        )),
         _ => None,
     }
 }
 
-pub(crate) fn magic_mmio(gfn: u64) -> u64 {
-    MAGIC | MAGIC_MMIO | ((gfn << 12) & MAGIC_GFN_MASK)
+pub(crate) fn magic_mmio(gfn: u64, rights: u64) -> u64 {
+    MAGIC | MAGIC_MMIO | ((gfn << 12) & MAGIC_GFN_MASK) | (rights & MAGIC_MMIO_RIGHTS)
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -118,13 +126,15 @@ impl<H: MachineMemory> Domain<H> {
                 }
             }
         } else {
+            // Take the new reference before dropping the old one: relinking the same child
+            // with other flags must not let its count touch zero.
+            if let Some(child) = new_frame {
+                self.store.add_ref(child, slot);
+            }
             if let Some(child) = old_frame
                 && let Some(dead) = self.store.drop_ref(child)
             {
                 self.store.unhash(dead);
-            }
-            if let Some(child) = new_frame {
-                self.store.add_ref(child, slot);
             }
         }
         if old_frame.is_some() && !grants_at_least(old, new, old_frame == new_frame) {

@@ -78,6 +78,11 @@ impl<H: MachineMemory> Domain<H> {
                 let Some((mfn, P2mType::Ram)) = d.guest_frame(addr.gfn()) else {
                     return Err(EngineError::BadArgument("write to non-RAM guest memory"));
                 };
+                if d.forbidden(mfn) {
+                    return Err(EngineError::Internal(
+                        "guest memory maps a hypervisor frame",
+                    ));
+                }
                 write_bytes(
                     &mut d.host,
                     Maddr::new(mfn.base().raw() | addr.offset()),
@@ -200,6 +205,7 @@ impl<H: MachineMemory> Domain<H> {
             if let Some((mfn, P2mType::Ram)) = mapping {
                 d.m2p.entry(mfn).or_default().insert(gfn);
             }
+            d.rebuild_roots()?;
             d.pending_flush = d.all_vcpus();
             Ok(())
         })
@@ -227,6 +233,7 @@ impl<H: MachineMemory> Domain<H> {
             d.remove_all_mappings(mfn)?;
             d.unshadow(mfn)?;
             d.owned.remove(&mfn);
+            d.rebuild_roots()?;
             d.pending_flush = d.all_vcpus();
             Ok(())
         })
@@ -238,14 +245,16 @@ impl<H: MachineMemory> Domain<H> {
         if !self.fast_path_on() {
             return Ok(());
         }
-        let magic = super::entries::magic_mmio(gfn.raw());
         let leaves: Vec<(Mfn, u8)> = self
             .store
             .shadows()
             .filter(|(_, i)| i.key.kind.is_leaf_table())
             .map(|(h, i)| (h, i.order))
             .collect();
-        self.rewrite_entries(&leaves, |_, e| (e == magic).then_some(0))
+        self.rewrite_entries(&leaves, |_, e| {
+            matches!(super::entries::decode_magic(e), Some(super::entries::Magic::Mmio(g, _)) if g == gfn.raw())
+                .then_some(0)
+        })
     }
 }
 

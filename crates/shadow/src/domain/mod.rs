@@ -67,6 +67,9 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) pending_flush: VcpuSet,
     /// Vcpus whose hardware must reload CR3 (their root or its PDPTEs changed).
     pub(crate) pending_reload: VcpuSet,
+    /// Vcpus whose top-level shadow was removed: their roots are rebuilt at the end of the
+    /// operation that removed it.
+    pub(crate) needs_root: VcpuSet,
     pub(crate) failed: Option<EngineError>,
     /// Shadow entries changed so far (tells a fix from a spurious fault).
     pub(crate) entries_written: u64,
@@ -121,6 +124,7 @@ impl<H: MachineMemory> Domain<H> {
             reserve: Reserve::default(),
             pending_flush: VcpuSet::NONE,
             pending_reload: VcpuSet::NONE,
+            needs_root: VcpuSet::NONE,
             failed: None,
             entries_written: 0,
         })
@@ -257,7 +261,7 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Runs `op`, failing the domain on a fatal error and returning the TLB flush the
     /// operation owes.
-    fn run<T>(
+    pub(crate) fn run<T>(
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, EngineError>,
     ) -> Result<(T, Flush), EngineError> {

@@ -109,6 +109,9 @@ where
                     flavor,
                 };
                 let (vt, _) = d.get_or_create(key)?;
+                // Held by the vcpu, not by references: its L4 points into its own second
+                // page, and emptying it must not free it.
+                d.store.pin(vt);
                 d.vcpus[v].vcpu_top = Some(vt);
                 vt
             }
@@ -152,6 +155,7 @@ where
     /// Gives back a vcpu's own top block when its new pair has none.
     fn drop_vcpu_top<H: MachineMemory>(d: &mut Domain<H>, v: usize) {
         if let Some(vt) = d.vcpus[v].vcpu_top.take() {
+            let _ = d.store.unpin(vt);
             d.store.unhash(vt);
         }
     }

@@ -147,10 +147,10 @@ where
             && d.log_dirty.as_ref().is_none_or(|log| log.is_dirty(gfn))
     }
 
-    /// The entry for a guest frame that is not RAM.
-    fn not_ram<H: MachineMemory>(d: &Domain<H>, gfn: Gfn) -> u64 {
+    /// The entry for a guest frame that is not RAM, keeping the guest leaf's own rights.
+    fn not_ram<H: MachineMemory>(d: &Domain<H>, gfn: Gfn, rights: u64) -> u64 {
         if d.fast_path_on() {
-            magic_mmio(gfn.raw())
+            magic_mmio(gfn.raw(), rights)
         } else {
             0
         }
@@ -174,7 +174,11 @@ where
         }
         let gfn = gfn_of(G::entry_address(gentry, 1, true));
         let Some((mfn, P2mType::Ram)) = d.guest_frame(gfn) else {
-            return Ok(Self::not_ram(d, gfn));
+            let mut rights = gentry & (bits::RW | bits::US | bits::D);
+            if G::ENTRY_BYTES == 8 && flavor.nxe {
+                rights |= gentry & bits::NX;
+            }
+            return Ok(Self::not_ram(d, gfn, rights));
         };
         Self::check_representable(mfn)?;
         let mut e = bits::P | bits::A | bits::D | mfn.base().raw();
@@ -199,7 +203,9 @@ where
         gfn: Gfn,
     ) -> Result<u64, EngineError> {
         let Some((mfn, P2mType::Ram)) = d.guest_frame(gfn) else {
-            return Ok(Self::not_ram(d, gfn));
+            // The upper entry carries the guest's rights; D is not known here, so writes
+            // take the slow path.
+            return Ok(Self::not_ram(d, gfn, bits::RW | bits::US));
         };
         Self::check_representable(mfn)?;
         let mut e = bits::P | bits::A | bits::D | bits::US | mfn.base().raw();

@@ -12,8 +12,8 @@ use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
 use crate::paging::{
-    Access, AccessKind, AdUpdate, PagingMode, PfErrorCode, Privilege, WalkEnv, WalkFault, WalkPath,
-    walk_mode,
+    Access, AccessKind, AdUpdate, PagingLevels, PagingMode, Perms, PfErrorCode, Privilege, WalkEnv,
+    WalkFault, WalkPath, bits, protection_fault, walk_mode,
 };
 use crate::types::Flavor;
 
@@ -76,13 +76,14 @@ where
         }
         if ec.reserved()
             && d.fast_path_on()
-            && let Some(outcome) = Self::fast_path(d, v, va, guest_ec)?
+            && let Some(outcome) = Self::fast_path(d, v, va, access, guest_ec)?
         {
             return Ok(outcome);
         }
 
         let orders = Self::fill_orders()?;
         d.prealloc(&orders)?;
+        let written_before = d.entries_written;
 
         let feat = d.config.guest_features;
         let env = WalkEnv {
@@ -143,7 +144,9 @@ where
             d.mark_dirty(gfn);
             d.stats.fault_log_dirty += 1;
         }
-        let changed = Self::fill(d, v, va, &t.path, flavor)?;
+        Self::fill(d, v, va, &t.path, flavor)?;
+        // The walk's A/D updates, validated into the shadows, may be what fixed the fault.
+        let changed = d.entries_written != written_before;
 
         let Some(mfn) = mfn else {
             return Ok(FaultOutcome::Mmio {
@@ -180,6 +183,7 @@ where
         d: &mut Domain<H>,
         v: usize,
         va: Gva,
+        access: Access,
         guest_ec: PfErrorCode,
     ) -> Result<Option<FaultOutcome>, EngineError> {
         let Some(hw) = d.hardware_control(v) else {
@@ -191,8 +195,8 @@ where
             feat: &feat,
             ad: AdUpdate::Skip,
         };
-        let access = Access::new(AccessKind::Read, Privilege::Supervisor);
-        let Err(failure) = walk_mode::<S, Maddr, _>(&mut d.host, env, va, access) else {
+        let probe = Access::new(AccessKind::Read, Privilege::Supervisor);
+        let Err(failure) = walk_mode::<S, Maddr, _>(&mut d.host, env, va, probe) else {
             return Ok(None);
         };
         let Some(last) = failure.path.last() else {
@@ -207,7 +211,33 @@ where
                 d.stats.fast_path_not_present += 1;
                 Ok(Some(FaultOutcome::Propagate(guest_ec)))
             }
-            Some(Magic::Mmio(gfn)) => {
+            Some(Magic::Mmio(gfn, rights)) => {
+                // The hardware stopped at the reserved bit without checking rights: check
+                // them here, from the upper shadow entries (which carry the guest's) and
+                // the guest leaf's own, kept in the magic entry.
+                let ctl = d.vcpus[v].ctl;
+                if ctl.pke() || (access.is_write() && rights & bits::D == 0) {
+                    return Ok(None);
+                }
+                let mut perms = Perms {
+                    write: rights & bits::RW != 0,
+                    user: rights & bits::US != 0,
+                    exec: rights & bits::NX == 0,
+                };
+                for entry in failure.path.iter().filter(|e| e.level > 1) {
+                    if S::LEVELS == PagingLevels::Three && entry.level == 3 {
+                        continue;
+                    }
+                    perms.write &= entry.value & bits::RW != 0;
+                    perms.user &= entry.value & bits::US != 0;
+                    perms.exec &= entry.value & bits::NX == 0;
+                }
+                if let Some(denied) = protection_fault(access, perms, &ctl) {
+                    d.stats.fast_path += 1;
+                    return Ok(Some(FaultOutcome::Propagate(PfErrorCode(
+                        guest_ec.bits() | denied,
+                    ))));
+                }
                 d.stats.fast_path += 1;
                 d.stats.fast_path_mmio += 1;
                 Ok(Some(FaultOutcome::Mmio {
@@ -219,17 +249,16 @@ where
     }
 
     /// Builds the shadows down to the leaf for `va` from a successful guest walk's path and
-    /// writes the leaf. Returns whether any shadow entry changed.
+    /// writes the leaf.
     fn fill<H: MachineMemory>(
         d: &mut Domain<H>,
         v: usize,
         va: Gva,
         path: &WalkPath<Gpa>,
         flavor: Flavor,
-    ) -> Result<bool, EngineError> {
-        let written_before = d.entries_written;
+    ) -> Result<(), EngineError> {
         let Some(leaf) = Self::descend(d, v, va, path, flavor, true)? else {
-            return Ok(false);
+            return Ok(());
         };
         let new = match leaf.superpage {
             Some((pde, gfn)) => Self::fl1_sentry(d, pde, gfn)?,
@@ -242,8 +271,7 @@ where
                 Self::leaf_sentry(d, gl1e, flavor)?
             }
         };
-        d.set_sentry(leaf.slot, new)?;
-        Ok(d.entries_written != written_before)
+        d.set_sentry(leaf.slot, new)
     }
 
     /// After a walk that failed on a not-present guest L1 entry, writes the not-present

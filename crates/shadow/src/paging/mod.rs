@@ -13,7 +13,7 @@ pub use memory::{MemError, PhysMem};
 pub use mode::{FourLevel, NoPaging, PageSize, PagingMode, ThreeLevel, TwoLevel};
 pub use walk::{
     AdUpdate, PathEntry, PdptLoadError, Perms, Translation, WalkEnv, WalkFailure, WalkFault,
-    WalkPath, WalkResult, load_pae_pdptes, walk, walk_mode,
+    WalkPath, WalkResult, load_pae_pdptes, protection_fault, walk, walk_mode,
 };
 
 #[cfg(test)]

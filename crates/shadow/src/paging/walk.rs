@@ -336,7 +336,7 @@ where
 }
 
 /// The extra error-code bits (always including P) if `perms` forbid `access`, per SDM 4.6.
-fn protection_fault(access: Access, perms: Perms, ctl: &ControlState) -> Option<u32> {
+pub fn protection_fault(access: Access, perms: Perms, ctl: &ControlState) -> Option<u32> {
     let denied = match access.privilege {
         Privilege::User => {
             !perms.user

@@ -1,0 +1,641 @@
+//! `shadow2 check shadow`: random but reproducible guest page-table churn and accesses from
+//! two vcpus, for one M-on-N pair, with the auditor after every step and the oracle on
+//! every access.
+//!
+//! The guest builds and edits its tables in its own memory; behaviours include recursive
+//! self-maps (one page used as L1 and L2 at once, a Windows-style PAE self-map), PAE PDPTs
+//! that are not page-aligned, superpages over page-table pages, tables freed and reused as
+//! data, page-table writes through linear addresses (emulated), CR3 switches among many
+//! processes, INVLPG, mode switches (SMP boot: one vcpu with paging off while the other
+//! pages), a tiny pool that forces eviction, pool resizing, p2m changes, and log-dirty
+//! enable/clean/disable with an exactness check.
+
+mod guest;
+mod rng;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use shadow2::addr::{Gfn, Gpa, Gva};
+use shadow2::audit::audit;
+use shadow2::domain::{DomainConfig, EngineError};
+use shadow2::host::MachineMemory;
+use shadow2::multi::Pair;
+use shadow2::p2m::P2mType;
+use shadow2::paging::{
+    Access, AccessKind, ControlState, PagingLevels, PhysMem, Privilege, bits, bits::cr,
+};
+
+pub use guest::Guest;
+pub use rng::Rng;
+
+use crate::oracle;
+use crate::sim::{GuestError, ShadowMachine, Traps};
+
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct ChurnConfig {
+    /// The pair vcpu 0 runs in.
+    pub pair: Pair,
+    /// Operations to run.
+    pub ops: u64,
+    /// The seed.
+    pub seed: u64,
+    /// Run with the smallest pool the domain allows (eviction all the time).
+    pub tiny_pool: bool,
+}
+
+/// What a run found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ChurnReport {
+    /// The pair ("4on4").
+    pub pair: String,
+    /// Operations run.
+    pub ops: u64,
+    /// Guest accesses (each checked by the oracle).
+    pub accesses: u64,
+    /// Audit violations found (summed over every audit).
+    pub audit_violations: u64,
+    /// Oracle mismatches.
+    pub oracle_mismatches: u64,
+    /// Pages written but missing from a log-dirty clean.
+    pub lost_dirty_pages: u64,
+    /// Log-dirty cleans checked.
+    pub dirty_cleans: u64,
+    /// The first problem, described.
+    pub first_problem: Option<String>,
+    /// Traps by kind.
+    pub traps: Traps,
+    /// Shadows created and evictions.
+    pub shadows_created: u64,
+    /// Top-level shadows evicted.
+    pub evictions: u64,
+    /// Faults handled on the fast path.
+    pub fast_path: u64,
+    /// Unshadow operations.
+    pub unshadows: u64,
+    /// Peak pool use in pages.
+    pub pool_peak_pages: usize,
+}
+
+impl ChurnReport {
+    fn problem(&mut self, what: String) {
+        if self.first_problem.is_none() {
+            self.first_problem = Some(what);
+        }
+    }
+}
+
+const RAM_FRAMES: u64 = 384;
+const MACHINE_FRAMES: u64 = 1 << 16;
+const VCPUS: usize = 2;
+const NORMAL_POOL: usize = 512;
+
+/// The guest paging mode the tables are built in: the pair's, or for a 0-level pair the
+/// shadow's (the second vcpu pages while the first runs with paging off).
+fn table_levels(pair: Pair) -> PagingLevels {
+    match pair.guest() {
+        PagingLevels::Zero => pair.shadow(),
+        g => g,
+    }
+}
+
+fn paging_control(levels: PagingLevels, cr3: u64, rng: &mut Rng) -> ControlState {
+    let wp = if rng.chance(95) { cr::CR0_WP } else { 0 };
+    let pge = if rng.chance(50) { cr::CR4_PGE } else { 0 };
+    let mut ctl = ControlState {
+        cr0: cr::CR0_PE | cr::CR0_PG | wp,
+        cr3,
+        ..ControlState::default()
+    };
+    match levels {
+        PagingLevels::Zero => ctl.cr0 = cr::CR0_PE,
+        PagingLevels::Two => {
+            ctl.cr4 = pge | if rng.chance(85) { cr::CR4_PSE } else { 0 };
+        }
+        PagingLevels::Three => {
+            ctl.cr4 = cr::CR4_PAE | pge;
+            ctl.efer = if rng.chance(85) { cr::EFER_NXE } else { 0 };
+        }
+        PagingLevels::Four => {
+            ctl.cr4 = cr::CR4_PAE | pge;
+            ctl.efer = cr::EFER_LME | cr::EFER_LMA | if rng.chance(85) { cr::EFER_NXE } else { 0 };
+        }
+    }
+    if levels != PagingLevels::Zero && rng.chance(10) {
+        ctl.cr4 |= cr::CR4_SMEP;
+    }
+    if levels != PagingLevels::Zero && wp != 0 && rng.chance(10) {
+        ctl.cr4 |= cr::CR4_SMAP;
+        if rng.chance(50) {
+            ctl.rflags |= cr::RFLAGS_AC;
+        }
+    }
+    ctl
+}
+
+/// The run's state.
+struct Churn {
+    m: ShadowMachine,
+    guest: Guest,
+    rng: Rng,
+    pair: Pair,
+    levels: PagingLevels,
+    report: ChurnReport,
+    /// Content digests of every RAM page at the last clean (log-dirty on).
+    digests: Option<BTreeMap<u64, u64>>,
+    /// Page-table frames ever (their A/D bits may be set by walks).
+    pt_ever: BTreeSet<Gfn>,
+    min_pool: usize,
+}
+
+/// Runs one pair.
+pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
+    let shadow = cfg.pair.shadow();
+    let mut config = DomainConfig::hvm(shadow, VCPUS, NORMAL_POOL);
+    // Internal mode (a hypervisor hole in the L4) on 64-bit shadows, every other seed.
+    config.external = !(shadow == PagingLevels::Four && cfg.seed % 2 == 1);
+    let min_pool = config.min_pool_pages();
+    if cfg.tiny_pool {
+        config.pool_pages = min_pool;
+    }
+    let mut m = ShadowMachine::new(MACHINE_FRAMES, config)?;
+    m.add_ram(Gfn::new(0), RAM_FRAMES)?;
+    let levels = table_levels(cfg.pair);
+    let mut rng = Rng::new(cfg.seed ^ (cfg.pair as u64).wrapping_mul(0x1000_0001));
+    let mut guest = Guest::new(levels, RAM_FRAMES, true);
+    let mut churn = Churn {
+        m,
+        guest: Guest::new(levels, RAM_FRAMES, true),
+        rng: Rng::new(0),
+        pair: cfg.pair,
+        levels,
+        report: ChurnReport {
+            pair: cfg.pair.name().into(),
+            ..ChurnReport::default()
+        },
+        digests: None,
+        pt_ever: BTreeSet::new(),
+        min_pool,
+    };
+    for _ in 0..3 {
+        guest.new_process(&mut churn.m, &mut rng);
+    }
+    churn.guest = guest;
+    churn.rng = rng;
+    churn.boot()?;
+    for _ in 0..cfg.ops {
+        churn.step()?;
+        churn.report.ops += 1;
+        let a = audit(churn.m.domain());
+        if !a.is_clean() {
+            churn.report.audit_violations += a.violations.len() as u64;
+            churn.report.problem(format!(
+                "audit after op {}: {:?}",
+                churn.report.ops,
+                a.violations.first()
+            ));
+        }
+        if churn.report.first_problem.is_some() && churn.report.audit_violations > 1000 {
+            break;
+        }
+    }
+    Ok(churn.finish())
+}
+
+impl Churn {
+    fn boot(&mut self) -> Result<(), EngineError> {
+        let cr3 = self.guest.processes.first().map_or(0, |p| p.cr3);
+        let main = paging_control(self.pair.guest(), cr3, &mut self.rng);
+        let second = paging_control(self.levels, cr3, &mut self.rng);
+        self.guarded(0, |c| c.m.set_paging(0, main))?;
+        self.guarded(1, |c| c.m.set_paging(1, second))?;
+        Ok(())
+    }
+
+    /// Runs a guest operation: guest-visible faults are fine (the oracle judged them),
+    /// an engine failure is a problem.
+    fn guarded(
+        &mut self,
+        _v: usize,
+        op: impl FnOnce(&mut Churn) -> Result<(), GuestError>,
+    ) -> Result<(), EngineError> {
+        match op(self) {
+            Ok(()) | Err(GuestError::PageFault { .. }) | Err(GuestError::GeneralProtection) => {
+                Ok(())
+            }
+            Err(GuestError::Mmio { .. }) => Ok(()),
+            Err(GuestError::Engine(e)) => {
+                self.report
+                    .problem(format!("engine error at op {}: {e}", self.report.ops));
+                Err(e)
+            }
+        }
+    }
+
+    fn vcpu_levels(&self, v: usize) -> PagingLevels {
+        self.m.guest_control(v).levels()
+    }
+
+    fn step(&mut self) -> Result<(), EngineError> {
+        let roll = self.rng.below(1000);
+        match roll {
+            0..=519 => self.op_access(),
+            520..=689 => self.op_map(),
+            690..=759 => self.op_unmap(),
+            760..=799 => self.op_write_pte_linear(),
+            800..=839 => self.op_switch_cr3(),
+            840..=859 => self.op_invlpg(),
+            860..=879 => self.op_recycle_table(),
+            880..=889 => self.op_self_map(),
+            890..=904 => self.op_mode_switch(),
+            905..=914 => self.op_pool_resize(),
+            915..=939 => self.op_log_dirty(),
+            _ => self.op_p2m_change(),
+        }
+    }
+
+    fn op_access(&mut self) -> Result<(), EngineError> {
+        let v = self.rng.below(VCPUS as u64) as usize;
+        let va = if self.vcpu_levels(v) == PagingLevels::Zero {
+            self.rng.below((RAM_FRAMES + 8) * 4096) & !7
+        } else {
+            self.guest.random_va(&mut self.rng)
+        };
+        let kind = match self.rng.below(100) {
+            0..=44 => AccessKind::Read,
+            45..=84 => AccessKind::Write,
+            _ => AccessKind::Fetch,
+        };
+        let privilege = if self.rng.chance(50) {
+            Privilege::User
+        } else {
+            Privilege::Supervisor
+        };
+        let value = self.rng.next_u64();
+        self.access(v, Gva::new(va), kind, privilege, value)
+    }
+
+    fn access(
+        &mut self,
+        v: usize,
+        va: Gva,
+        kind: AccessKind,
+        privilege: Privilege,
+        value: u64,
+    ) -> Result<(), EngineError> {
+        let ctl = self.m.guest_control(v);
+        let target = oracle::guest_walk(self.m.domain(), &ctl, va, Access::new(kind, privilege))
+            .ok()
+            .map(|t| t.frame);
+        let mut buf = [0u8; 8];
+        self.guarded(v, |c| match kind {
+            AccessKind::Read => c.m.read(v, va, privilege, &mut buf),
+            AccessKind::Fetch => c.m.fetch(v, va, privilege, &mut buf),
+            AccessKind::Write => c.m.write(v, va, privilege, &value.to_le_bytes()),
+        })?;
+        if kind == AccessKind::Write
+            && let Some(gfn) = target
+        {
+            self.guest.written.insert(gfn);
+            if self.guest.page_tables.contains(&gfn) {
+                // A correct guest flushes after editing its tables.
+                self.m.flush_all_tlbs();
+            }
+        }
+        Ok(())
+    }
+
+    fn paging_process(&self, v: usize) -> Option<guest::Process> {
+        let cr3 = self.m.guest_control(v).cr3;
+        self.guest.processes.iter().find(|p| p.cr3 == cr3).copied()
+    }
+
+    fn random_process(&mut self) -> Option<guest::Process> {
+        let n = self.guest.processes.len() as u64;
+        let i = self.rng.below(n) as usize;
+        self.guest.processes.get(i).copied()
+    }
+
+    /// After editing an entry: a leaf change needs INVLPG of that address on every vcpu;
+    /// an upper one a full flush (and for a PAE PDPTE, a CR3 reload).
+    fn after_edit(
+        &mut self,
+        va: u64,
+        upper: bool,
+        pdpte_of: Option<u64>,
+    ) -> Result<(), EngineError> {
+        if upper {
+            self.m.flush_all_tlbs();
+        } else {
+            for v in 0..VCPUS {
+                self.guarded(v, |c| c.m.invlpg(v, Gva::new(va)))?;
+            }
+        }
+        if let Some(cr3) = pdpte_of {
+            for v in 0..VCPUS {
+                if self.m.guest_control(v).cr3 == cr3 && self.vcpu_levels(v) == PagingLevels::Three
+                {
+                    self.guarded(v, |c| c.m.set_cr3(v, cr3))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn op_map(&mut self) -> Result<(), EngineError> {
+        let Some(p) = self.random_process() else {
+            return Ok(());
+        };
+        let superpage = self.rng.chance(10);
+        let level = if superpage { 2 } else { 1 };
+        let va = self.guest.random_va(&mut self.rng) & !0xfff;
+        let Some((addr, upper)) = self
+            .guest
+            .ensure_path(&mut self.m, &mut self.rng, &p, va, level)
+        else {
+            return Ok(());
+        };
+        let frames_per_superpage = if self.levels == PagingLevels::Two {
+            1024
+        } else {
+            512
+        };
+        let mut target = self.guest.random_target(&mut self.rng);
+        if superpage {
+            target &= !(frames_per_superpage - 1);
+        }
+        let flags = self.guest.random_leaf_flags(&mut self.rng, superpage);
+        let value = (target << 12) | flags;
+        self.guarded(0, |c| c.guest.write_entry_phys(&mut c.m, addr, value))?;
+        self.note_tables();
+        if self.guest.mapped.len() < 256 {
+            self.guest.mapped.push(va);
+        } else {
+            let i = self.rng.below(256) as usize;
+            self.guest.mapped[i] = va;
+        }
+        let pdpte = (upper && self.levels == PagingLevels::Three).then_some(p.cr3);
+        self.after_edit(va, upper || superpage, pdpte)
+    }
+
+    fn op_unmap(&mut self) -> Result<(), EngineError> {
+        let Some(p) = self.random_process() else {
+            return Ok(());
+        };
+        let va = self.guest.random_va(&mut self.rng) & !0xfff;
+        let Some((addr, upper)) = self
+            .guest
+            .ensure_path(&mut self.m, &mut self.rng, &p, va, 1)
+        else {
+            return Ok(());
+        };
+        let old = self.guest.read_entry(&self.m, addr);
+        let value = match self.rng.below(3) {
+            0 => 0,
+            1 => old & !bits::RW,
+            _ => old & !(bits::A | bits::D),
+        };
+        self.guarded(0, |c| c.guest.write_entry_phys(&mut c.m, addr, value))?;
+        let pdpte = (upper && self.levels == PagingLevels::Three).then_some(p.cr3);
+        self.after_edit(va, upper, pdpte)
+    }
+
+    /// A kernel editing a PTE through its self-map: the write faults on the read-only
+    /// shadow of the page table and is emulated.
+    fn op_write_pte_linear(&mut self) -> Result<(), EngineError> {
+        let v = self.rng.below(VCPUS as u64) as usize;
+        if self.vcpu_levels(v) != self.levels {
+            return Ok(());
+        }
+        let va = self.guest.random_va(&mut self.rng) & !0xfff;
+        let Some(pte_va) = self.guest.self_map_va(va, 1) else {
+            return Ok(());
+        };
+        let target = self.guest.random_target(&mut self.rng);
+        let value = (target << 12) | self.guest.random_leaf_flags(&mut self.rng, false);
+        let bytes = self.guest.shape.entry_bytes as usize;
+        let data = value.to_le_bytes();
+        let ctl = self.m.guest_control(v);
+        let access = Access::new(AccessKind::Write, Privilege::Supervisor);
+        let written = oracle::guest_walk(self.m.domain(), &ctl, pte_va, access)
+            .ok()
+            .map(|t| t.frame);
+        self.guarded(v, |c| {
+            c.m.write(v, pte_va, Privilege::Supervisor, &data[..bytes])
+        })?;
+        if let Some(gfn) = written {
+            self.guest.written.insert(gfn);
+        }
+        self.m.flush_all_tlbs();
+        Ok(())
+    }
+
+    fn op_switch_cr3(&mut self) -> Result<(), EngineError> {
+        let v = self.rng.below(VCPUS as u64) as usize;
+        if self.vcpu_levels(v) == PagingLevels::Zero {
+            return Ok(());
+        }
+        if self.guest.processes.len() < 12 && self.rng.chance(20) {
+            self.guest.new_process(&mut self.m, &mut self.rng);
+            self.note_tables();
+        }
+        let Some(p) = self.random_process() else {
+            return Ok(());
+        };
+        self.guarded(v, |c| c.m.set_cr3(v, p.cr3))
+    }
+
+    fn op_invlpg(&mut self) -> Result<(), EngineError> {
+        let v = self.rng.below(VCPUS as u64) as usize;
+        let va = self.guest.random_va(&mut self.rng);
+        self.guarded(v, |c| c.m.invlpg(v, Gva::new(va)))
+    }
+
+    /// Unlinks an L1 table and reuses its page as data.
+    fn op_recycle_table(&mut self) -> Result<(), EngineError> {
+        let Some(p) = self.random_process() else {
+            return Ok(());
+        };
+        let va = self.guest.random_va(&mut self.rng) & !0xfff;
+        let Some((addr, _)) = self
+            .guest
+            .ensure_path(&mut self.m, &mut self.rng, &p, va, 2)
+        else {
+            return Ok(());
+        };
+        let entry = self.guest.read_entry(&self.m, addr);
+        if entry & bits::P == 0 || entry & bits::PS != 0 {
+            return Ok(());
+        }
+        let table = Gfn::new((entry & self.guest.shape.addr_mask()) >> 12);
+        if table.raw() >= RAM_FRAMES {
+            return Ok(());
+        }
+        self.guarded(0, |c| c.guest.write_entry_phys(&mut c.m, addr, 0))?;
+        self.m.flush_all_tlbs();
+        let junk: Vec<u8> = (0..64).map(|_| self.rng.next_u64() as u8).collect();
+        let offset = self.rng.below(4096 / 64) * 64;
+        self.guest.written.insert(table);
+        self.guarded(0, |c| {
+            c.m.write_phys(Gpa::new(table.base().raw() + offset), &junk)
+        })?;
+        self.guest.page_tables.remove(&table);
+        self.guest.free.push(table);
+        self.m.flush_all_tlbs();
+        Ok(())
+    }
+
+    fn op_self_map(&mut self) -> Result<(), EngineError> {
+        let Some(p) = self.random_process() else {
+            return Ok(());
+        };
+        self.guest.install_self_map(&mut self.m, &mut self.rng, &p);
+        self.note_tables();
+        self.m.flush_all_tlbs();
+        let pdpte = (self.levels == PagingLevels::Three).then_some(p.cr3);
+        self.after_edit(0, true, pdpte)
+    }
+
+    /// Vcpu 1 turns paging off or on (SMP boot); vcpu 0 changes a paging flag (CR4.PSE,
+    /// EFER.NXE, CR0.WP, SMEP/SMAP) within its pair's mode.
+    fn op_mode_switch(&mut self) -> Result<(), EngineError> {
+        let v = self.rng.below(VCPUS as u64) as usize;
+        let Some(p) = self
+            .paging_process(v)
+            .or_else(|| self.guest.processes.first().copied())
+        else {
+            return Ok(());
+        };
+        let levels = if v == 0 {
+            self.pair.guest()
+        } else if self.vcpu_levels(1) == PagingLevels::Zero {
+            self.levels
+        } else {
+            PagingLevels::Zero
+        };
+        let ctl = paging_control(levels, p.cr3, &mut self.rng);
+        self.guarded(v, |c| c.m.set_paging(v, ctl))
+    }
+
+    fn op_pool_resize(&mut self) -> Result<(), EngineError> {
+        let target = self.min_pool + self.rng.below(3 * self.min_pool as u64) as usize;
+        let flush = self.m.domain_mut().set_pool_size(target);
+        match flush {
+            Ok(f) => {
+                self.m.settle(f);
+                Ok(())
+            }
+            Err(EngineError::BadArgument(_)) => Ok(()),
+            Err(e) => {
+                self.report.problem(format!("pool resize failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn digest_ram(&self) -> BTreeMap<u64, u64> {
+        let mut out = BTreeMap::new();
+        let mut page = vec![0u8; 4096];
+        for g in 0..RAM_FRAMES {
+            if self.m.read_phys(Gfn::new(g).base(), &mut page).is_ok() {
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in &page {
+                    h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+                }
+                out.insert(g, h);
+            }
+        }
+        out
+    }
+
+    fn op_log_dirty(&mut self) -> Result<(), EngineError> {
+        if !self.m.domain().log_dirty_enabled() {
+            if self.rng.chance(40) {
+                let f = self.m.domain_mut().enable_log_dirty()?;
+                self.m.settle(f);
+                self.digests = Some(self.digest_ram());
+                self.guest.written.clear();
+            }
+            return Ok(());
+        }
+        if self.rng.chance(15) {
+            self.m.domain_mut().disable_log_dirty();
+            self.digests = None;
+            return Ok(());
+        }
+        let (bitmap, f) = self.m.domain_mut().clean_dirty()?;
+        self.m.settle(f);
+        self.report.dirty_cleans += 1;
+        let now = self.digest_ram();
+        if let Some(before) = &self.digests {
+            for (g, h) in &now {
+                if before.get(g) != Some(h) && !bitmap.contains(Gfn::new(*g)) {
+                    self.report.lost_dirty_pages += 1;
+                    self.report.problem(format!(
+                        "log-dirty lost a write to gfn {g:#x} at op {}",
+                        self.report.ops
+                    ));
+                }
+            }
+        }
+        for g in bitmap.iter() {
+            let unchanged =
+                self.digests.as_ref().and_then(|d| d.get(&g.raw())) == now.get(&g.raw());
+            if unchanged && !self.guest.written.contains(&g) && !self.pt_ever.contains(&g) {
+                self.report.lost_dirty_pages += 1;
+                self.report.problem(format!(
+                    "log-dirty reports gfn {g} that nothing wrote, at op {}",
+                    self.report.ops
+                ));
+            }
+        }
+        self.digests = Some(now);
+        self.guest.written.clear();
+        Ok(())
+    }
+
+    /// Moves a guest frame to a new machine frame (content copied), as page migration or
+    /// sharing does: every shadow mapping and shadow of the old frame must go.
+    fn op_p2m_change(&mut self) -> Result<(), EngineError> {
+        let gfn = Gfn::new(1 + self.rng.below(RAM_FRAMES - 1));
+        let Some(old) = self.m.ram_frame(gfn) else {
+            return Ok(());
+        };
+        let Some(new) = self.m.domain_mut().host_mut().alloc_block(0) else {
+            return Ok(());
+        };
+        for i in 0..512u64 {
+            let host = self.m.domain_mut().host_mut();
+            let word = host.read_u64(shadow2::addr::Maddr::new(old.base().raw() + 8 * i))?;
+            host.write_u64(shadow2::addr::Maddr::new(new.base().raw() + 8 * i), word)?;
+        }
+        let f = self
+            .m
+            .domain_mut()
+            .set_p2m(gfn, Some((new, P2mType::Ram)))?;
+        self.m.settle(f);
+        self.m.domain_mut().host_mut().free_block(old, 0);
+        Ok(())
+    }
+
+    fn note_tables(&mut self) {
+        self.pt_ever.extend(self.guest.page_tables.iter().copied());
+    }
+
+    fn finish(mut self) -> ChurnReport {
+        let (count, list) = self.m.mismatches();
+        self.report.oracle_mismatches = count;
+        if let Some(first) = list.first() {
+            self.report.problem(format!("oracle: {first:?}"));
+        }
+        self.report.accesses = self.m.accesses();
+        self.report.traps = self.m.traps();
+        let stats = self.m.domain().stats();
+        self.report.shadows_created = stats.shadows_created;
+        self.report.evictions = stats.evictions;
+        self.report.fast_path = stats.fast_path;
+        self.report.unshadows = stats.unshadows;
+        self.report.pool_peak_pages = self.m.domain().pool().peak_used_pages();
+        self.report
+    }
+}

@@ -1,0 +1,128 @@
+//! The guest oracle: what the guest's own tables say an access must do, computed with the
+//! architectural walker over guest-physical memory (no side effects), to compare with what
+//! the hardware did on the shadow tables.
+
+use shadow2::addr::{Gpa, Gva, Maddr, Mfn};
+use shadow2::domain::Domain;
+use shadow2::host::MachineMemory;
+use shadow2::p2m::P2mType;
+use shadow2::paging::{
+    Access, AdUpdate, ControlState, CpuFeatures, MemError, PhysMem, WalkEnv, WalkFault, WalkResult,
+    bits, walk,
+};
+
+/// Guest-physical memory of a domain, read-only (the oracle never writes).
+#[derive(Debug)]
+pub struct GuestReadView<'a, H: MachineMemory> {
+    domain: &'a Domain<H>,
+}
+
+impl<'a, H: MachineMemory> GuestReadView<'a, H> {
+    /// A view of `domain`'s guest memory.
+    pub fn new(domain: &'a Domain<H>) -> Self {
+        GuestReadView { domain }
+    }
+
+    fn maddr(&self, addr: Gpa) -> Result<Maddr, MemError> {
+        match self.domain.guest_frame(addr.gfn()) {
+            Some((mfn, P2mType::Ram)) => Ok(Maddr::new(mfn.base().raw() | addr.offset())),
+            _ => Err(MemError::Unbacked { addr: addr.raw() }),
+        }
+    }
+}
+
+impl<H: MachineMemory> PhysMem<Gpa> for GuestReadView<'_, H> {
+    fn read_u32(&self, addr: Gpa) -> Result<u32, MemError> {
+        self.domain.host().read_u32(self.maddr(addr)?)
+    }
+    fn read_u64(&self, addr: Gpa) -> Result<u64, MemError> {
+        self.domain.host().read_u64(self.maddr(addr)?)
+    }
+    fn write_u32(&mut self, addr: Gpa, _: u32) -> Result<(), MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn write_u64(&mut self, addr: Gpa, _: u64) -> Result<(), MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+}
+
+/// The guest's own walk of `va` for `access`, without touching A/D bits.
+pub fn guest_walk<H: MachineMemory>(
+    domain: &Domain<H>,
+    ctl: &ControlState,
+    va: Gva,
+    access: Access,
+) -> WalkResult<Gpa> {
+    let feat = domain.config().guest_features;
+    let env = WalkEnv {
+        ctl,
+        feat: &feat,
+        ad: AdUpdate::Skip,
+    };
+    walk(&mut GuestReadView::new(domain), env, va, access)
+}
+
+/// What the guest must see for one access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// The access reaches this machine frame.
+    Frame(Mfn),
+    /// The access reaches guest-physical space that is not RAM.
+    Mmio(Gpa),
+    /// #PF with this error code.
+    PageFault(u32),
+    /// #GP.
+    GeneralProtection,
+}
+
+/// What the guest's tables and the p2m say `access` at `va` must do.
+pub fn expect<H: MachineMemory>(
+    domain: &Domain<H>,
+    ctl: &ControlState,
+    va: Gva,
+    access: Access,
+) -> Expected {
+    match guest_walk(domain, ctl, va, access) {
+        Ok(t) => match domain.guest_frame(t.frame) {
+            Some((mfn, P2mType::Ram)) => Expected::Frame(mfn),
+            _ => Expected::Mmio(t.addr),
+        },
+        Err(f) => match f.fault {
+            WalkFault::PageFault(ec) => Expected::PageFault(ec.bits()),
+            WalkFault::GeneralProtection => Expected::GeneralProtection,
+            // A guest table in unbacked space reads as not present (the engine's rule).
+            WalkFault::Memory(_) => {
+                Expected::PageFault(shadow2::paging::PfErrorCode::for_access(access, ctl).bits())
+            }
+        },
+    }
+}
+
+/// Whether, after a successful access, the guest's entries carry the A (and, for a write,
+/// D) bits the architecture requires. Returns a description of the first missing bit.
+pub fn check_accessed_dirty<H: MachineMemory>(
+    domain: &Domain<H>,
+    ctl: &ControlState,
+    va: Gva,
+    access: Access,
+) -> Option<&'static str> {
+    let Ok(t) = guest_walk(domain, ctl, va, access) else {
+        return Some("the guest walk fails after a successful access");
+    };
+    let pae = ctl.levels() == shadow2::paging::PagingLevels::Three;
+    for entry in t.path.iter() {
+        if pae && entry.level == 3 {
+            continue;
+        }
+        if entry.value & bits::A == 0 {
+            return Some("A clear on an entry a successful access used");
+        }
+    }
+    if access.is_write() && t.leaf_level > 0 && t.leaf & bits::D == 0 {
+        return Some("D clear on the leaf of a successful write");
+    }
+    None
+}
+
+/// The CPU features the simulated hardware has.
+pub const HOST_FEATURES: CpuFeatures = CpuFeatures::KVM_HOST;

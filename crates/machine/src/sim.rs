@@ -1,0 +1,527 @@
+//! A simulated machine running a shadowed domain: each vcpu's hardware (a [`Cpu`] with a
+//! TLB) walks the engine's shadow tables; every fault goes to the engine; every access is
+//! checked against the guest oracle (same frame, never more permission, A/D as required).
+
+use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
+use shadow2::domain::{Domain, DomainConfig, EngineError, GuestFault};
+use shadow2::flush::Flush;
+use shadow2::host::MachineMemory;
+use shadow2::multi::FaultOutcome;
+use shadow2::p2m::P2mType;
+use shadow2::paging::{Access, AccessKind, ControlState, PagingLevels, PfErrorCode, Privilege};
+
+use crate::cpu::{Cpu, CpuFault};
+use crate::memory::{SparseMemory, copy_from_phys, copy_to_phys};
+use crate::oracle::{self, Expected, HOST_FEATURES};
+
+/// Traps taken, by kind: each is one exit from the guest to the hypervisor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traps {
+    /// Page faults the engine fixed (shadow fills, A/D and log-dirty faults).
+    pub shadow_fills: u64,
+    /// Faults that needed nothing (a stale TLB entry).
+    pub spurious: u64,
+    /// Faults reflected to the guest.
+    pub propagated: u64,
+    /// Of those, recognised by the reserved-bit fast path.
+    pub fast_path: u64,
+    /// Writes to shadowed page tables, emulated.
+    pub emulated_writes: u64,
+    /// MMIO accesses.
+    pub mmio: u64,
+    /// CR3 writes.
+    pub cr3_writes: u64,
+    /// INVLPGs.
+    pub invlpg: u64,
+    /// CR0/CR4/EFER writes.
+    pub mode_changes: u64,
+}
+
+impl Traps {
+    /// Every trap.
+    pub fn total(&self) -> u64 {
+        self.shadow_fills
+            + self.spurious
+            + self.propagated
+            + self.emulated_writes
+            + self.mmio
+            + self.cr3_writes
+            + self.invlpg
+            + self.mode_changes
+    }
+}
+
+/// What the guest sees instead of a completed access or operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestError {
+    /// #PF delivered to the guest (CR2 = `va`).
+    PageFault {
+        /// The faulting address.
+        va: Gva,
+        /// The error code.
+        code: PfErrorCode,
+    },
+    /// #GP(0).
+    GeneralProtection,
+    /// An access to MMIO space (no device model here: reads as nothing, writes dropped).
+    Mmio {
+        /// The guest-physical address.
+        gpa: Gpa,
+    },
+    /// The engine failed (the domain is dead).
+    Engine(EngineError),
+}
+
+/// One mismatch between what the hardware and engine did and what the guest's tables say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The vcpu.
+    pub vcpu: usize,
+    /// The address.
+    pub va: Gva,
+    /// The access.
+    pub access: Access,
+    /// What went wrong.
+    pub what: String,
+}
+
+/// A shadowed domain on simulated hardware.
+#[derive(Debug)]
+pub struct ShadowMachine {
+    domain: Domain<SparseMemory>,
+    cpus: Vec<Cpu>,
+    traps: Traps,
+    accesses: u64,
+    mismatches: Vec<Mismatch>,
+    mismatch_count: u64,
+}
+
+/// At most this many mismatches are kept in full.
+const MISMATCH_LOG: usize = 16;
+/// A hardware access that needs more engine rounds than this is reported.
+const MAX_ROUNDS: usize = 8;
+
+impl ShadowMachine {
+    /// A machine of `machine_frames` frames running a new domain.
+    pub fn new(machine_frames: u64, config: DomainConfig) -> Result<ShadowMachine, EngineError> {
+        let domain = Domain::new(SparseMemory::new(machine_frames), config)?;
+        let cpus = (0..config.vcpus).map(|_| Cpu::new(HOST_FEATURES)).collect();
+        Ok(ShadowMachine {
+            domain,
+            cpus,
+            traps: Traps::default(),
+            accesses: 0,
+            mismatches: Vec::new(),
+            mismatch_count: 0,
+        })
+    }
+
+    /// The domain.
+    pub fn domain(&self) -> &Domain<SparseMemory> {
+        &self.domain
+    }
+    /// The domain, mutably (control ops; TLB flushes they return go to [`Self::settle`]).
+    pub fn domain_mut(&mut self) -> &mut Domain<SparseMemory> {
+        &mut self.domain
+    }
+    /// Traps so far.
+    pub fn traps(&self) -> Traps {
+        self.traps
+    }
+    /// Guest accesses so far.
+    pub fn accesses(&self) -> u64 {
+        self.accesses
+    }
+    /// Oracle mismatches so far (the first few in full).
+    pub fn mismatches(&self) -> (u64, &[Mismatch]) {
+        (self.mismatch_count, &self.mismatches)
+    }
+    /// A vcpu's hardware.
+    pub fn cpu(&self, v: usize) -> Option<&Cpu> {
+        self.cpus.get(v)
+    }
+
+    fn mismatch(&mut self, vcpu: usize, va: Gva, access: Access, what: String) {
+        self.mismatch_count += 1;
+        if self.mismatches.len() < MISMATCH_LOG {
+            self.mismatches.push(Mismatch {
+                vcpu,
+                va,
+                access,
+                what,
+            });
+        }
+    }
+
+    /// Gives guest frames `first..first+count` fresh machine frames of RAM.
+    pub fn add_ram(&mut self, first: Gfn, count: u64) -> Result<(), EngineError> {
+        for i in 0..count {
+            let mfn = self
+                .domain
+                .host_mut()
+                .alloc_block(0)
+                .ok_or(EngineError::BadArgument("machine out of frames"))?;
+            let flush = self
+                .domain
+                .set_p2m(Gfn::new(first.raw() + i), Some((mfn, P2mType::Ram)))?;
+            self.settle(flush);
+        }
+        Ok(())
+    }
+
+    /// Carries out a TLB flush the engine asked for, and reloads hardware roots that
+    /// changed.
+    pub fn settle(&mut self, flush: Flush) {
+        let vcpus = flush.into_vcpus();
+        for (v, cpu) in self.cpus.iter_mut().enumerate() {
+            if vcpus.contains(v) {
+                cpu.flush_tlb_all();
+            }
+        }
+        let reloads = self.domain.take_reloads();
+        for v in 0..self.cpus.len() {
+            if reloads.contains(v) {
+                self.load_hardware(v);
+            }
+        }
+    }
+
+    fn load_hardware(&mut self, v: usize) {
+        let Some(hw) = self.domain.hardware_control(v) else {
+            return;
+        };
+        let Some(cpu) = self.cpus.get_mut(v) else {
+            return;
+        };
+        cpu.set_state(hw);
+        if hw.levels() == PagingLevels::Three {
+            // PAE hardware loads its PDPTEs from the (shadow) root at CR3 load.
+            let _ = cpu.load_cr3(self.domain.host(), hw.cr3);
+        }
+    }
+
+    /// The guest's control state of vcpu `v`.
+    pub fn guest_control(&self, v: usize) -> ControlState {
+        self.domain
+            .vcpu(v)
+            .map(|c| *c.control())
+            .unwrap_or_default()
+    }
+
+    /// MOV to CR0/CR4/WRMSR EFER together (and RFLAGS/PKRU), then the engine picks the
+    /// pair. CR3 is taken from `ctl` too.
+    pub fn set_paging(&mut self, v: usize, ctl: ControlState) -> Result<(), GuestError> {
+        self.traps.mode_changes += 1;
+        let old = self.guest_control(v);
+        self.domain
+            .set_control(v, ctl)
+            .map_err(GuestError::Engine)?;
+        match self.domain.update_paging_modes(v) {
+            Ok(flush) => {
+                self.settle(flush);
+                Ok(())
+            }
+            Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
+                self.domain
+                    .set_control(v, old)
+                    .map_err(GuestError::Engine)?;
+                let flush = self
+                    .domain
+                    .update_paging_modes(v)
+                    .map_err(GuestError::Engine)?;
+                self.settle(flush);
+                Err(GuestError::GeneralProtection)
+            }
+            Err(e) => Err(GuestError::Engine(e)),
+        }
+    }
+
+    /// MOV to CR3.
+    pub fn set_cr3(&mut self, v: usize, cr3: u64) -> Result<(), GuestError> {
+        self.traps.cr3_writes += 1;
+        let old = self.guest_control(v);
+        let ctl = ControlState { cr3, ..old };
+        self.domain
+            .set_control(v, ctl)
+            .map_err(GuestError::Engine)?;
+        match self.domain.update_cr3(v) {
+            Ok(flush) => {
+                self.settle(flush);
+                if let Some(cpu) = self.cpus.get_mut(v) {
+                    // The CR3 load itself flushes non-global translations.
+                    if old.pge() {
+                        cpu.flush_tlb_non_global();
+                    } else {
+                        cpu.flush_tlb_all();
+                    }
+                }
+                Ok(())
+            }
+            Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
+                self.domain
+                    .set_control(v, old)
+                    .map_err(GuestError::Engine)?;
+                Err(GuestError::GeneralProtection)
+            }
+            Err(e) => Err(GuestError::Engine(e)),
+        }
+    }
+
+    /// INVLPG.
+    pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<(), GuestError> {
+        self.traps.invlpg += 1;
+        let needed = self.domain.invlpg(v, va).map_err(GuestError::Engine)?;
+        if needed && let Some(cpu) = self.cpus.get_mut(v) {
+            cpu.invlpg(va);
+        }
+        Ok(())
+    }
+
+    /// Flushes every vcpu's TLB, as a guest does after changing upper-level entries (a
+    /// CR3 reload on every vcpu, or a global shootdown).
+    pub fn flush_all_tlbs(&mut self) {
+        for cpu in &mut self.cpus {
+            cpu.flush_tlb_all();
+        }
+    }
+
+    /// Reads `buf.len()` bytes (inside one page) at `va`.
+    pub fn read(
+        &mut self,
+        v: usize,
+        va: Gva,
+        privilege: Privilege,
+        buf: &mut [u8],
+    ) -> Result<(), GuestError> {
+        let access = Access::new(AccessKind::Read, privilege);
+        let Reached::At(addr) = self.access(v, va, access, None)? else {
+            return Err(GuestError::Engine(EngineError::Internal(
+                "a read was emulated",
+            )));
+        };
+        copy_from_phys(self.domain.host(), addr, buf)
+            .map_err(|_| GuestError::Engine(EngineError::Internal("read of unbacked memory")))
+    }
+
+    /// Fetches `buf.len()` bytes (inside one page) at `va`.
+    pub fn fetch(
+        &mut self,
+        v: usize,
+        va: Gva,
+        privilege: Privilege,
+        buf: &mut [u8],
+    ) -> Result<(), GuestError> {
+        let access = Access::new(AccessKind::Fetch, privilege);
+        let Reached::At(addr) = self.access(v, va, access, None)? else {
+            return Err(GuestError::Engine(EngineError::Internal(
+                "a fetch was emulated",
+            )));
+        };
+        copy_from_phys(self.domain.host(), addr, buf)
+            .map_err(|_| GuestError::Engine(EngineError::Internal("fetch of unbacked memory")))
+    }
+
+    /// Writes `data` (inside one page) at `va`.
+    pub fn write(
+        &mut self,
+        v: usize,
+        va: Gva,
+        privilege: Privilege,
+        data: &[u8],
+    ) -> Result<(), GuestError> {
+        let access = Access::new(AccessKind::Write, privilege);
+        match self.access(v, va, access, Some(data)) {
+            Ok(Reached::At(addr)) => copy_to_phys(self.domain.host_mut(), addr, data)
+                .map_err(|_| GuestError::Engine(EngineError::Internal("write to unbacked memory"))),
+            Ok(Reached::Emulated) => Ok(()),
+            Err(GuestError::Mmio { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Performs the translation part of one access like hardware plus engine, and checks
+    /// the result against the oracle.
+    fn access(
+        &mut self,
+        v: usize,
+        va: Gva,
+        access: Access,
+        data: Option<&[u8]>,
+    ) -> Result<Reached, GuestError> {
+        self.accesses += 1;
+        let ctl = self.guest_control(v);
+        let expected = oracle::expect(&self.domain, &ctl, va, access);
+        let in_hole = self.domain.config().in_hole(va);
+        for _ in 0..MAX_ROUNDS {
+            let cpu = self
+                .cpus
+                .get_mut(v)
+                .ok_or(GuestError::Engine(EngineError::BadArgument("no such vcpu")))?;
+            let result = cpu.translate(self.domain.host_mut(), va, access);
+            match result {
+                Ok(t) => {
+                    if !in_hole && expected != Expected::Frame(t.frame) {
+                        self.mismatch(
+                            v,
+                            va,
+                            access,
+                            format!(
+                                "hardware reached {} but the guest says {expected:?}",
+                                t.frame
+                            ),
+                        );
+                    }
+                    self.check_ad(v, va, access, &ctl);
+                    return Ok(Reached::At(t.addr));
+                }
+                Err(CpuFault::GeneralProtection) => {
+                    if expected != Expected::GeneralProtection {
+                        self.mismatch(
+                            v,
+                            va,
+                            access,
+                            format!("#GP but the guest says {expected:?}"),
+                        );
+                    }
+                    return Err(GuestError::GeneralProtection);
+                }
+                Err(CpuFault::Memory(e)) => {
+                    self.mismatch(
+                        v,
+                        va,
+                        access,
+                        format!("hardware walk left machine memory: {e:?}"),
+                    );
+                    return Err(GuestError::Engine(EngineError::Internal(
+                        "shadow walk out of memory",
+                    )));
+                }
+                Err(CpuFault::PageFault { code, .. }) => {
+                    let (outcome, flush) = self
+                        .domain
+                        .page_fault(v, va, code)
+                        .map_err(GuestError::Engine)?;
+                    self.settle(flush);
+                    match outcome {
+                        FaultOutcome::Fixed => self.traps.shadow_fills += 1,
+                        FaultOutcome::Spurious => self.traps.spurious += 1,
+                        FaultOutcome::Propagate(gec) => {
+                            self.traps.propagated += 1;
+                            if code.reserved() {
+                                self.traps.fast_path += 1;
+                            }
+                            if !in_hole && expected != Expected::PageFault(gec.bits()) {
+                                self.mismatch(
+                                    v,
+                                    va,
+                                    access,
+                                    format!("#PF {gec:?} but the guest says {expected:?}"),
+                                );
+                            }
+                            return Err(GuestError::PageFault { va, code: gec });
+                        }
+                        FaultOutcome::Mmio { gpa } => {
+                            self.traps.mmio += 1;
+                            if expected != Expected::Mmio(gpa) {
+                                self.mismatch(
+                                    v,
+                                    va,
+                                    access,
+                                    format!("MMIO at {gpa} but the guest says {expected:?}"),
+                                );
+                            }
+                            return Err(GuestError::Mmio { gpa });
+                        }
+                        FaultOutcome::Emulate { gpa } => {
+                            self.traps.emulated_writes += 1;
+                            return self.emulate_write(v, va, access, gpa, data, expected, &ctl);
+                        }
+                    }
+                }
+            }
+        }
+        self.mismatch(v, va, access, "the access did not settle".into());
+        Err(GuestError::Engine(EngineError::Internal(
+            "access did not settle",
+        )))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emulate_write(
+        &mut self,
+        v: usize,
+        va: Gva,
+        access: Access,
+        gpa: Gpa,
+        data: Option<&[u8]>,
+        expected: Expected,
+        ctl: &ControlState,
+    ) -> Result<Reached, GuestError> {
+        let Some(data) = data else {
+            self.mismatch(v, va, access, "emulation asked for a read".into());
+            return Err(GuestError::Engine(EngineError::Internal(
+                "emulate on a read",
+            )));
+        };
+        match (expected, self.domain.guest_frame(gpa.gfn())) {
+            (Expected::Frame(m), Some((mfn, _))) if m == mfn => {}
+            _ => self.mismatch(
+                v,
+                va,
+                access,
+                format!("emulation at {gpa} but the guest says {expected:?}"),
+            ),
+        }
+        let flush = self
+            .domain
+            .write_guest_phys(gpa, data)
+            .map_err(GuestError::Engine)?;
+        self.settle(flush);
+        self.check_ad(v, va, access, ctl);
+        Ok(Reached::Emulated)
+    }
+
+    fn check_ad(&mut self, v: usize, va: Gva, access: Access, ctl: &ControlState) {
+        if self.domain.config().in_hole(va) {
+            return;
+        }
+        if let Some(what) = oracle::check_accessed_dirty(&self.domain, ctl, va, access) {
+            self.mismatch(v, va, access, what.into());
+        }
+    }
+
+    /// A write on the guest's behalf to guest-physical memory (a hypercall, DMA): through
+    /// the engine, which validates shadows and marks the page dirty.
+    pub fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestError> {
+        let flush = self
+            .domain
+            .write_guest_phys(gpa, data)
+            .map_err(GuestError::Engine)?;
+        self.settle(flush);
+        Ok(())
+    }
+
+    /// Reads guest-physical memory.
+    pub fn read_phys(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), GuestError> {
+        self.domain
+            .read_guest_phys(gpa, out)
+            .map_err(GuestError::Engine)
+    }
+
+    /// The machine frame behind a guest frame, if RAM.
+    pub fn ram_frame(&self, gfn: Gfn) -> Option<Mfn> {
+        match self.domain.guest_frame(gfn) {
+            Some((mfn, P2mType::Ram)) => Some(mfn),
+            _ => None,
+        }
+    }
+}
+
+/// Where an access ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reached {
+    /// The hardware translated it to this machine address.
+    At(Maddr),
+    /// The engine had the write emulated: the data is already in memory.
+    Emulated,
+}
