@@ -397,6 +397,13 @@ impl ShadowMachine {
                     )));
                 }
                 Err(CpuFault::PageFault { code, .. }) => {
+                    // A host knows a fetch fault when CR2 equals RIP, even where the hardware
+                    // cannot report I (32-bit paging without SMEP): tell the engine.
+                    let code = if access.is_fetch() {
+                        PfErrorCode(code.bits() | PfErrorCode::I)
+                    } else {
+                        code
+                    };
                     let (outcome, flush) = self
                         .domain
                         .page_fault(v, va, code)

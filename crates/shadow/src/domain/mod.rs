@@ -351,6 +351,11 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Handles a page fault the hardware raised while running vcpu `v` on its shadows.
+    ///
+    /// `error_code` is the hardware's. A host that knows the access was an instruction
+    /// fetch (CR2 equals RIP) should set I even where the hardware cannot report it
+    /// (32-bit shadows without CR4.SMEP); otherwise the engine resolves the ambiguity as
+    /// well as it can.
     pub fn page_fault(
         &mut self,
         v: usize,

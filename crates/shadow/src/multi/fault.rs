@@ -46,6 +46,18 @@ where
         Access::new(kind, privilege)
     }
 
+    /// Whether a fault reported as a supervisor read may have been a fetch: 32-bit shadows
+    /// report I only with CR4.SMEP, and a not-present shadow entry says nothing more.
+    fn maybe_fetch(ec: PfErrorCode, ctl: &crate::paging::ControlState) -> bool {
+        S::LEVELS == PagingLevels::Two
+            && !ctl.smep()
+            && ctl.smap()
+            && !ec.present()
+            && !ec.write()
+            && !ec.user()
+            && !ec.fetch()
+    }
+
     /// Pool blocks a fill may need: one shadow per level below the hashed top, and a
     /// splinter.
     fn fill_orders() -> Result<Vec<u8>, EngineError> {
@@ -96,7 +108,23 @@ where
             None => FrameMap::Direct(&d.owned),
         };
         let mut mem = GuestMem::new(&mut d.host, map);
-        let result = walk_mode::<G, Gpa, _>(&mut mem, env, va, access);
+        let mut result = walk_mode::<G, Gpa, _>(&mut mem, env, va, access);
+        let mut read_fault = None;
+        if Self::maybe_fetch(ec, &ctl)
+            && let Err(f) = &result
+            && let Some(read_ec) = f.error_code().filter(|e| e.present())
+        {
+            // 32-bit shadows without SMEP cannot report I: a supervisor "read" that SMAP
+            // forbids may have been a fetch, which SMAP does not restrict. Fill for the
+            // fetch; a real read faults again on the filled entry and is propagated then.
+            let fetch = Access::new(AccessKind::Fetch, Privilege::Supervisor);
+            let mut probe = env;
+            probe.ad = AdUpdate::Skip;
+            if walk_mode::<G, Gpa, _>(&mut mem, probe, va, fetch).is_ok() {
+                read_fault = Some(read_ec);
+                result = walk_mode::<G, Gpa, _>(&mut mem, env, va, fetch);
+            }
+        }
         let overflowed = mem.overflowed();
         let writes: Vec<(Gpa, u8)> = mem.writes().collect();
         if overflowed {
@@ -148,6 +176,14 @@ where
         // The walk's A/D updates, validated into the shadows, may be what fixed the fault.
         let changed = d.entries_written != written_before;
 
+        if let Some(read_ec) = read_fault {
+            // Still ambiguous: RAM was filled and the retry tells; MMIO cannot be retried,
+            // so it is taken for the read (code is not fetched from MMIO).
+            return Ok(match mfn {
+                Some(_) => FaultOutcome::Fixed,
+                None => FaultOutcome::Propagate(read_ec),
+            });
+        }
         let Some(mfn) = mfn else {
             return Ok(FaultOutcome::Mmio {
                 gpa: Self::gpa_of(gfn, va.raw()),
