@@ -221,18 +221,25 @@ impl ShadowMachine {
                 self.settle(flush);
                 Ok(())
             }
-            Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
+            Err(e) => {
+                // A refused mode leaves the vcpu as it was.
                 self.domain
                     .set_control(v, old)
                     .map_err(GuestError::Engine)?;
-                let flush = self
-                    .domain
-                    .update_paging_modes(v)
-                    .map_err(GuestError::Engine)?;
-                self.settle(flush);
-                Err(GuestError::GeneralProtection)
+                if self.domain.vcpu(v).and_then(|c| c.pair()).is_some() {
+                    let flush = self
+                        .domain
+                        .update_paging_modes(v)
+                        .map_err(GuestError::Engine)?;
+                    self.settle(flush);
+                }
+                Err(match e {
+                    EngineError::Guest(GuestFault::GeneralProtection) => {
+                        GuestError::GeneralProtection
+                    }
+                    e => GuestError::Engine(e),
+                })
             }
-            Err(e) => Err(GuestError::Engine(e)),
         }
     }
 

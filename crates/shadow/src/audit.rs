@@ -182,7 +182,9 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                         if e != x {
                             r.fail("magic entry disagrees with guest entry and p2m", slot.raw());
                         }
-                    } else if !within(e, x, width) {
+                    } else if !(within(e, x, width)
+                        || (d.awaits_reprotect(slot) && within(e & !bits::RW, x, width)))
+                    {
                         r.fail(
                             "shadow entry grants more than guest and rules allow",
                             slot.raw(),
@@ -248,7 +250,7 @@ fn check_writable_target<H: MachineMemory>(
             Some(set) => set.iter().any(|g| log.is_dirty(*g)),
             None => log.is_dirty(crate::addr::Gfn::new(m.raw())),
         };
-        if !dirty {
+        if !dirty && !d.awaits_reprotect(slot) {
             r.fail(
                 "writable mapping of a page not yet dirty in log-dirty mode",
                 slot.raw(),

@@ -13,6 +13,10 @@ pub struct ShadowStore {
     hash: BTreeMap<ShadowKey, Mfn>,
     info: BTreeMap<Mfn, ShadowInfo>,
     frames: BTreeMap<Mfn, FrameMeta>,
+    /// The frames of `frames` with at least one shadow. Every fill asks whether its target
+    /// is a page table, and `frames` also holds every frame mapped writable (hundreds of
+    /// entries for a few dozen page tables): the small set answers much faster.
+    page_tables: BTreeSet<Mfn>,
     /// Pinned top-level shadows by last use: the front is the least recently used.
     mru: BTreeMap<u64, Mfn>,
     /// Shadows out of the hash whose entries still hold references: torn down in steps.
@@ -52,6 +56,7 @@ impl ShadowStore {
             let meta = self.frames.entry(Mfn::new(key.frame)).or_default();
             meta.shadows += 1;
             meta.kinds = KindSet(meta.kinds.0 | key.kind.bit());
+            self.page_tables.insert(Mfn::new(key.frame));
         }
     }
 
@@ -77,6 +82,9 @@ impl ShadowStore {
                 .any(|(key, _)| key.kind == kind && key != info.key);
             if let Some(meta) = self.frames.get_mut(&frame) {
                 meta.shadows = meta.shadows.saturating_sub(1);
+                if meta.shadows == 0 {
+                    self.page_tables.remove(&frame);
+                }
                 if !still_has_kind {
                     meta.kinds = KindSet(meta.kinds.0 & !kind.bit());
                 }
@@ -183,7 +191,7 @@ impl ShadowStore {
 
     /// Whether `mfn` is a shadowed guest page table.
     pub fn is_page_table(&self, mfn: Mfn) -> bool {
-        self.frames.get(&mfn).is_some_and(FrameMeta::is_page_table)
+        self.page_tables.contains(&mfn)
     }
 
     /// Counts a new writable shadow mapping of `mfn` made by the entry at `slot`.

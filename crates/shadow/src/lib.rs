@@ -17,6 +17,7 @@ pub mod paging;
 
 pub mod audit;
 pub mod domain;
+pub mod emulate;
 pub mod flush;
 pub mod hash;
 pub mod host;

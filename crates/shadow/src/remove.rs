@@ -189,7 +189,7 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Clears every upper entry that points into the shadow at `head`.
-    fn unhook(&mut self, head: Mfn) -> Result<(), EngineError> {
+    pub(crate) fn unhook(&mut self, head: Mfn) -> Result<(), EngineError> {
         let Some(info) = self.store.info(head).copied() else {
             return Ok(());
         };

@@ -77,11 +77,20 @@ pub enum CleanProgress {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Cleaning {
     snapshot: DirtyBitmap,
-    to_protect: Vec<Maddr>,
+    to_protect: BTreeSet<Maddr>,
     steps: usize,
 }
 
 impl<H: MachineMemory> Domain<H> {
+    /// Whether the shadow entry at `slot` is writable only because a clean in progress has
+    /// not re-protected it yet (its page was dirty when the clean began; a write made
+    /// before it is re-protected marks the page dirty again).
+    pub(crate) fn awaits_reprotect(&self, slot: Maddr) -> bool {
+        self.cleaning
+            .as_ref()
+            .is_some_and(|c| c.to_protect.contains(&slot))
+    }
+
     /// Runs a control operation.
     pub fn shadow_op(&mut self, op: ShadowOp) -> Result<(ShadowOpResult, Flush), EngineError> {
         match op {
@@ -172,9 +181,7 @@ impl<H: MachineMemory> Domain<H> {
                         .ok_or(EngineError::Internal("log-dirty state vanished"))?;
                     log.cleans += 1;
                     let snapshot = core::mem::take(&mut log.dirty);
-                    let to_protect: Vec<Maddr> = core::mem::take(&mut log.writable_slots)
-                        .into_iter()
-                        .collect();
+                    let to_protect = core::mem::take(&mut log.writable_slots);
                     d.protect_p2m_writable()?;
                     Cleaning {
                         snapshot,
@@ -186,7 +193,7 @@ impl<H: MachineMemory> Domain<H> {
             let later_step = cleaning.steps > 0;
             cleaning.steps += 1;
             for _ in 0..budget.max(1) {
-                let Some(slot) = cleaning.to_protect.pop() else {
+                let Some(slot) = cleaning.to_protect.pop_first() else {
                     break;
                 };
                 if let Some(gfn) = d.protect_slot(slot)?
@@ -282,7 +289,7 @@ impl<H: MachineMemory> Domain<H> {
             if let ResizeProgress::NeedsEviction { .. } = progress {
                 let mut freed = false;
                 for _ in 0..budget.max(1) {
-                    if d.reap_one()? || d.evict_one()? {
+                    if d.reap_one()? || d.vacate_chunk()? || d.evict_one()? {
                         freed = true;
                     } else {
                         break;
@@ -301,6 +308,48 @@ impl<H: MachineMemory> Domain<H> {
             }
             Ok(progress)
         })
+    }
+
+    /// Frees the in-use pool chunk with the fewest pages in use that holds no shadow a vcpu
+    /// is using: its shadows are unpinned, unhooked from their parents and torn down, so
+    /// that shrinking gives back exactly the chunks it asked to vacate.
+    fn vacate_chunk(&mut self) -> Result<bool, EngineError> {
+        let mut chunks: Vec<(usize, Mfn)> = self
+            .pool
+            .chunks()
+            .filter(|&(_, used)| used > 0)
+            .map(|(base, used)| (used, base))
+            .collect();
+        chunks.sort();
+        let chunk_of = |m: Mfn| m.raw() >> crate::pool::CHUNK_ORDER;
+        for (_, base) in chunks {
+            let heads: Vec<Mfn> = self
+                .store
+                .shadows()
+                .filter(|(h, _)| chunk_of(*h) == chunk_of(base))
+                .map(|(h, _)| h)
+                .collect();
+            if heads.iter().any(|&h| self.in_use(h)) {
+                continue;
+            }
+            for head in heads {
+                if self.store.is_dying(head) {
+                    continue;
+                }
+                if let Some(dead) = self.store.unpin(head) {
+                    self.store.unhash(dead);
+                }
+                self.unhook(head)?;
+                if !self.store.is_dying(head) {
+                    self.store.unhash(head);
+                }
+                self.stats.evictions += 1;
+            }
+            while self.reap_one()? {}
+            self.pending_flush = self.all_vcpus();
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// A whole resize, step after step.

@@ -179,7 +179,13 @@ impl<H: MachineMemory> Domain<H> {
     fn alloc_evicting(&mut self, order: u8) -> Result<Mfn, EngineError> {
         let mut blown = false;
         loop {
-            if let Some(m) = self.pool.alloc(order) {
+            // While a shrink is under way the pool serves no more than its target, so that
+            // the guest cannot refill the chunks being given back (unless nothing else is
+            // left to evict: a guest access never fails for a shrink).
+            let over_target = !blown
+                && self.pool.total_pages() > self.pool_target
+                && self.pool.used_pages() + (1 << order) > self.pool_target;
+            if !over_target && let Some(m) = self.pool.alloc(order) {
                 return Ok(m);
             }
             if self.reap_one()? || self.evict_one()? {

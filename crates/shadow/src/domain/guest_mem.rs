@@ -3,7 +3,9 @@
 //! are logged so that the engine can validate them into shadows and mark them dirty.
 
 use alloc::collections::BTreeSet;
+use core::cell::Cell;
 
+use super::Domain;
 use crate::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SHIFT};
 use crate::host::MachineMemory;
 use crate::p2m::{P2m, P2mType};
@@ -33,13 +35,67 @@ impl FrameMap<'_> {
             }
         }
     }
+}
 
-    /// The machine address of RAM at `gpa`.
-    fn ram<M: PhysMem<Maddr> + ?Sized>(&self, mem: &M, gpa: Gpa) -> Result<Maddr, MemError> {
-        match self.lookup(mem, gpa.gfn()) {
-            Some((mfn, P2mType::Ram)) => Ok(Maddr::new(mfn.base().raw() | gpa.offset())),
-            _ => Err(MemError::Unbacked { addr: gpa.raw() }),
+/// Guest frames a [`FrameCache`] remembers: a walk's tables (at most 4) and its target,
+/// with room to spare for a fetch probe's second walk.
+const CACHE_LEN: usize = 8;
+
+/// A guest frame and what it is backed by (None: nothing, as far as the map says).
+type CachedFrame = (Gfn, Option<(Mfn, P2mType)>);
+
+/// The guest frames one engine operation has looked up, with their answers (absent
+/// included), so that a fault pays one p2m lookup per frame instead of one per use: the
+/// walk, the descent through the shadows and the leaf all ask about the same few frames.
+///
+/// Only valid for the operation that made it: the p2m changes between operations, never
+/// during one (an operation may flip a p2m entry's writability, which is not cached here),
+/// so a cache must never be kept across calls into the engine.
+#[derive(Debug)]
+pub(crate) struct FrameCache {
+    slots: [Cell<Option<CachedFrame>>; CACHE_LEN],
+    next: Cell<usize>,
+}
+
+impl FrameCache {
+    pub(crate) fn new() -> Self {
+        FrameCache {
+            slots: Default::default(),
+            next: Cell::new(0),
         }
+    }
+
+    /// The machine frame and type behind `gfn` in `map`.
+    pub(crate) fn lookup<M: PhysMem<Maddr> + ?Sized>(
+        &self,
+        map: &FrameMap<'_>,
+        mem: &M,
+        gfn: Gfn,
+    ) -> Option<(Mfn, P2mType)> {
+        for slot in &self.slots {
+            match slot.get() {
+                Some((g, answer)) if g == gfn => return answer,
+                Some(_) => {}
+                // Slots fill in order: past the first empty one nothing is cached.
+                None => break,
+            }
+        }
+        let answer = map.lookup(mem, gfn);
+        let next = self.next.get();
+        if let Some(slot) = self.slots.get(next) {
+            slot.set(Some((gfn, answer)));
+        }
+        self.next.set((next + 1) % CACHE_LEN);
+        answer
+    }
+
+    /// The machine frame and type behind `gfn` in domain `d`.
+    pub(crate) fn guest_frame<H: MachineMemory>(
+        &self,
+        d: &Domain<H>,
+        gfn: Gfn,
+    ) -> Option<(Mfn, P2mType)> {
+        self.lookup(&d.frame_map(), &d.host, gfn)
     }
 }
 
@@ -51,15 +107,17 @@ const LOG_LEN: usize = 8;
 pub(crate) struct GuestMem<'a, H: ?Sized> {
     pub(crate) host: &'a mut H,
     pub(crate) map: FrameMap<'a>,
+    frames: &'a FrameCache,
     writes: [(Gpa, u8); LOG_LEN],
     count: usize,
 }
 
 impl<'a, H: MachineMemory + ?Sized> GuestMem<'a, H> {
-    pub(crate) fn new(host: &'a mut H, map: FrameMap<'a>) -> Self {
+    pub(crate) fn new(host: &'a mut H, map: FrameMap<'a>, frames: &'a FrameCache) -> Self {
         GuestMem {
             host,
             map,
+            frames,
             writes: [(Gpa::new(0), 0); LOG_LEN],
             count: 0,
         }
@@ -82,25 +140,33 @@ impl<'a, H: MachineMemory + ?Sized> GuestMem<'a, H> {
         }
         self.count += 1;
     }
+
+    /// The machine address of RAM at `gpa`.
+    fn ram(&self, gpa: Gpa) -> Result<Maddr, MemError> {
+        match self.frames.lookup(&self.map, &*self.host, gpa.gfn()) {
+            Some((mfn, P2mType::Ram)) => Ok(Maddr::new(mfn.base().raw() | gpa.offset())),
+            _ => Err(MemError::Unbacked { addr: gpa.raw() }),
+        }
+    }
 }
 
 impl<H: MachineMemory + ?Sized> PhysMem<Gpa> for GuestMem<'_, H> {
     fn read_u32(&self, addr: Gpa) -> Result<u32, MemError> {
-        let m = self.map.ram(&*self.host, addr)?;
+        let m = self.ram(addr)?;
         self.host.read_u32(m)
     }
     fn read_u64(&self, addr: Gpa) -> Result<u64, MemError> {
-        let m = self.map.ram(&*self.host, addr)?;
+        let m = self.ram(addr)?;
         self.host.read_u64(m)
     }
     fn write_u32(&mut self, addr: Gpa, value: u32) -> Result<(), MemError> {
-        let m = self.map.ram(&*self.host, addr)?;
+        let m = self.ram(addr)?;
         self.host.write_u32(m, value)?;
         self.log(addr, 4);
         Ok(())
     }
     fn write_u64(&mut self, addr: Gpa, value: u64) -> Result<(), MemError> {
-        let m = self.map.ram(&*self.host, addr)?;
+        let m = self.ram(addr)?;
         self.host.write_u64(m, value)?;
         self.log(addr, 8);
         Ok(())

@@ -4,7 +4,7 @@
 
 use super::{Engine, Supported};
 use crate::addr::{Gpa, Maddr, Mfn};
-use crate::domain::guest_mem::{FrameMap, GuestMem, gfn_of};
+use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
 use crate::domain::{Domain, EngineError, GuestFault};
 use crate::flush::VcpuSet;
 use crate::host::MachineMemory;
@@ -143,7 +143,8 @@ where
             Some(p2m) => FrameMap::Translated(p2m),
             None => FrameMap::Direct(&d.owned),
         };
-        let mem = GuestMem::new(&mut d.host, map);
+        let frames = FrameCache::new();
+        let mem = GuestMem::new(&mut d.host, map, &frames);
         match load_pae_pdptes::<Gpa, _>(&mem, cr3, &feat) {
             Ok(p) => Ok(p),
             Err(PdptLoadError::ReservedBits { .. }) | Err(PdptLoadError::Memory(_)) => {

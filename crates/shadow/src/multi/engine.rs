@@ -5,7 +5,7 @@
 use super::{Engine, Supported};
 use crate::addr::{Gfn, Gpa, Maddr, Mfn};
 use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, magic_mmio};
-use crate::domain::guest_mem::gfn_of;
+use crate::domain::guest_mem::{FrameCache, gfn_of};
 use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
@@ -159,6 +159,7 @@ where
     /// The shadow L1 entry for a 4 KiB guest entry.
     pub(super) fn leaf_sentry<H: MachineMemory>(
         d: &Domain<H>,
+        frames: &FrameCache,
         gentry: u64,
         flavor: Flavor,
     ) -> Result<u64, EngineError> {
@@ -173,7 +174,7 @@ where
             return Ok(0);
         }
         let gfn = gfn_of(G::entry_address(gentry, 1, true));
-        let Some((mfn, P2mType::Ram)) = d.guest_frame(gfn) else {
+        let Some((mfn, P2mType::Ram)) = frames.guest_frame(d, gfn) else {
             let mut rights = gentry & (bits::RW | bits::US | bits::D);
             if G::ENTRY_BYTES == 8 && flavor.nxe {
                 rights |= gentry & bits::NX;
@@ -199,10 +200,11 @@ where
     /// NX clear (the upper shadow entry carries the guest's rights), never global.
     pub(super) fn fl1_sentry<H: MachineMemory>(
         d: &Domain<H>,
+        frames: &FrameCache,
         pde: u64,
         gfn: Gfn,
     ) -> Result<u64, EngineError> {
-        let Some((mfn, P2mType::Ram)) = d.guest_frame(gfn) else {
+        let Some((mfn, P2mType::Ram)) = frames.guest_frame(d, gfn) else {
             // The upper entry carries the guest's rights; D is not known here, so writes
             // take the slow path.
             return Ok(Self::not_ram(d, gfn, bits::RW | bits::US));
@@ -229,8 +231,12 @@ where
     }
 
     /// Reads the guest entry at `addr` (guest-physical).
-    pub(super) fn read_gentry<H: MachineMemory>(d: &Domain<H>, addr: Gpa) -> Option<u64> {
-        let (mfn, ty) = d.guest_frame(addr.gfn())?;
+    pub(super) fn read_gentry<H: MachineMemory>(
+        d: &Domain<H>,
+        frames: &FrameCache,
+        addr: Gpa,
+    ) -> Option<u64> {
+        let (mfn, ty) = frames.guest_frame(d, addr.gfn())?;
         if ty != P2mType::Ram {
             return None;
         }
@@ -252,6 +258,7 @@ where
     /// the splinter of a superpage, or the shadow of the next-level table.
     pub(super) fn child_key<H: MachineMemory>(
         d: &Domain<H>,
+        frames: &FrameCache,
         gentry: u64,
         level: u8,
         flavor: Flavor,
@@ -265,7 +272,7 @@ where
             }));
         }
         let gfn = gfn_of(G::entry_address(gentry, level, false));
-        match d.guest_frame(gfn) {
+        match frames.guest_frame(d, gfn) {
             Some((mfn, P2mType::Ram)) => Ok(Some(ShadowKey {
                 frame: mfn.raw(),
                 kind: Self::kind(level - 1)?,
@@ -299,7 +306,11 @@ where
                 }
                 _ => 0,
             };
-            d.set_sentry(slot, new)?;
+            // Most links are already in place (a fault under existing shadows relinks
+            // each level): an equal entry needs none of a write's bookkeeping.
+            if d.read_sentry(slot)? != new {
+                d.set_sentry(slot, new)?;
+            }
         }
         Ok(())
     }

@@ -7,22 +7,57 @@ use alloc::vec::Vec;
 use super::{Engine, FaultOutcome, Supported};
 use crate::addr::{Gpa, Gva, Maddr, Mfn};
 use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic, decode_magic};
-use crate::domain::guest_mem::{FrameMap, GuestMem, gfn_of};
+use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
 use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
 use crate::paging::{
-    Access, AccessKind, AdUpdate, PagingLevels, PagingMode, Perms, PfErrorCode, Privilege, WalkEnv,
-    WalkFault, WalkPath, bits, protection_fault, walk_mode,
+    Access, AccessKind, AdUpdate, PagingLevels, PagingMode, PathEntry, Perms, PfErrorCode,
+    Privilege, Translation, WalkEnv, WalkFailure, WalkFault, WalkPath, bits, protection_fault,
+    walk_mode,
 };
 use crate::types::Flavor;
 
 /// Where a descent through the shadows ended: the leaf slot for the address and what the
 /// guest says about it.
+#[derive(Clone, Copy)]
 struct Leaf {
     slot: Maddr,
     /// For a splinter: the guest superpage entry and the frame's guest frame number.
     superpage: Option<(u64, crate::addr::Gfn)>,
+}
+
+/// One upper shadow entry a [`Plan`] (re)writes: guest entry `gentry` at `level` links to
+/// the existing shadow `child`.
+#[derive(Clone, Copy)]
+struct PlannedLink {
+    level: u8,
+    gentry: u64,
+    child: Mfn,
+}
+
+/// A descent through shadows that all exist already, worked out without changing anything.
+/// Knowing before any change that nothing will be created is what lets a fault skip
+/// reserving pool blocks (an operation that creates must reserve before it changes
+/// anything, so that it cannot fail half-way).
+struct Plan {
+    top: Mfn,
+    links: [PlannedLink; 4],
+    len: usize,
+    leaf: Leaf,
+}
+
+/// Pool block orders set aside before a fill (at most 3 levels below the hashed top, and a
+/// splinter).
+struct FillOrders {
+    orders: [u8; 4],
+    len: usize,
+}
+
+impl FillOrders {
+    fn as_slice(&self) -> &[u8] {
+        self.orders.get(..self.len).unwrap_or(&[])
+    }
 }
 
 impl<G: PagingMode, S: PagingMode> Engine<G, S>
@@ -60,14 +95,81 @@ where
 
     /// Pool blocks a fill may need: one shadow per level below the hashed top, and a
     /// splinter.
-    fn fill_orders() -> Result<Vec<u8>, EngineError> {
+    fn fill_orders() -> Result<FillOrders, EngineError> {
         let shadow = S::LEVELS;
-        let mut orders = Vec::new();
-        for level in 1..Self::HASHED_TOP {
-            orders.push(Self::kind(level)?.order(shadow));
+        let mut out = FillOrders {
+            orders: [0; 4],
+            len: 0,
+        };
+        let levels = (1..Self::HASHED_TOP).map(Self::kind);
+        for kind in levels.chain(core::iter::once(Self::fl1_kind())) {
+            let slot = out
+                .orders
+                .get_mut(out.len)
+                .ok_or(EngineError::Internal("more fill levels than a walk has"))?;
+            *slot = kind?.order(shadow);
+            out.len += 1;
         }
-        orders.push(Self::fl1_kind()?.order(shadow));
-        Ok(orders)
+        Ok(out)
+    }
+
+    /// Reserves the pool blocks of the deepest fill.
+    fn reserve_fill<H: MachineMemory>(d: &mut Domain<H>) -> Result<(), EngineError> {
+        d.prealloc(Self::fill_orders()?.as_slice())
+    }
+
+    /// Reserves the pool blocks of the deepest fill unless `idle` (the fault will create
+    /// nothing) and the pool could serve them without evicting: then reserving would only
+    /// take the blocks and give them back. When the pool is short, reserving evicts, and a
+    /// fault keeps doing so even when it creates nothing: those evictions are part of how
+    /// a running guest's shadows make room (a pool shrink counts on them). True if it
+    /// reserved, which may have evicted shadows a [`Plan`] found.
+    fn reserve_unless_idle<H: MachineMemory>(
+        d: &mut Domain<H>,
+        idle: bool,
+    ) -> Result<bool, EngineError> {
+        let orders = Self::fill_orders()?;
+        let n = orders.len;
+        // A whole free chunk serves any block; any free page serves a one-page block.
+        let room = d.pool.free_whole_chunks() >= n
+            || (orders.as_slice().iter().all(|&o| o == 0) && d.pool.free_pages() >= n);
+        if idle && room {
+            return Ok(false);
+        }
+        d.prealloc(orders.as_slice())?;
+        Ok(true)
+    }
+
+    /// The A/D bits a successful walk whose leaf is at `leaf_level` makes sure are set in
+    /// path entry `e`.
+    fn ad_bits(e: &PathEntry<Gpa>, leaf_level: u8, access: Access) -> u64 {
+        // PAE PDPTEs are registers: the walk never updates them.
+        if G::LEVELS == PagingLevels::Three && e.level == 3 {
+            return 0;
+        }
+        if e.level == leaf_level && access.is_write() {
+            bits::A | bits::D
+        } else {
+            bits::A
+        }
+    }
+
+    /// Whether a walk that succeeded without A/D updates (`t`) would have written any with
+    /// them. If not, the updating walk reads the same entries, writes nothing and returns
+    /// the same translation.
+    fn walk_would_write(t: &Translation<Gpa>, access: Access) -> bool {
+        t.path.iter().any(|e| {
+            let need = Self::ad_bits(e, t.leaf_level, access);
+            e.value & need != need
+        })
+    }
+
+    /// Whether no two entries of `path` sit at the same address (a table mapping itself):
+    /// then each entry's A/D update is its own, and the value it leaves is foreseeable.
+    fn addresses_distinct(path: &WalkPath<Gpa>) -> bool {
+        path.iter()
+            .enumerate()
+            .all(|(i, a)| path.iter().skip(i + 1).all(|b| b.addr != a.addr))
     }
 
     pub(super) fn page_fault<H: MachineMemory>(
@@ -93,21 +195,79 @@ where
             return Ok(outcome);
         }
 
-        let orders = Self::fill_orders()?;
-        d.prealloc(&orders)?;
-        let written_before = d.entries_written;
-
+        let frames = FrameCache::new();
+        let flavor = d.vcpus[v].flavor;
         let feat = d.config.guest_features;
         let env = WalkEnv {
             ctl: &ctl,
             feat: &feat,
             ad: AdUpdate::Set,
         };
+
+        // First a walk that writes nothing. Most faults need no A/D update, and then this
+        // walk is the one the CPU would do; when, besides, every shadow on the way exists,
+        // nothing needs reserving. A fetch probe has its own sequence (below).
+        let reserved = if Self::maybe_fetch(ec, &ctl) {
+            Self::reserve_fill(d)?;
+            true
+        } else {
+            let probe_env = WalkEnv {
+                ad: AdUpdate::Skip,
+                ..env
+            };
+            match Self::guest_walk(d, &frames, probe_env, va, access) {
+                Ok(t) if !Self::walk_would_write(&t, access) => {
+                    let mut plan = Self::plan(d, &frames, v, va, &t.path, flavor, |e| e.value);
+                    if Self::reserve_unless_idle(d, plan.is_some())? {
+                        plan = None;
+                    }
+                    let written_before = d.entries_written;
+                    return Self::walked(
+                        d,
+                        &frames,
+                        v,
+                        va,
+                        access,
+                        &t,
+                        plan,
+                        true,
+                        written_before,
+                        None,
+                    );
+                }
+                // A faulting walk writes nothing, with A/D updates or without.
+                Err(failure) => {
+                    let mut plan = None;
+                    if Self::installs_not_present(d, &failure) {
+                        plan = Self::plan(d, &frames, v, va, &failure.path, flavor, |e| e.value);
+                        if Self::reserve_unless_idle(d, plan.is_some())? {
+                            plan = None;
+                        }
+                    } else {
+                        Self::reserve_unless_idle(d, true)?;
+                    }
+                    return Self::walk_failed(d, &frames, v, va, guest_ec, &failure, plan);
+                }
+                // The walk will set A/D bits. Validating those writes changes no hashed
+                // shadow (it can only link existing children, and relinking a child takes
+                // the new reference before dropping the old one), so the entries as the
+                // walk will leave them tell now whether the fill will create anything.
+                Ok(t) => {
+                    let after =
+                        |e: &PathEntry<Gpa>| e.value | Self::ad_bits(e, t.leaf_level, access);
+                    let idle = Self::addresses_distinct(&t.path)
+                        && Self::plan(d, &frames, v, va, &t.path, flavor, after).is_some();
+                    Self::reserve_unless_idle(d, idle)?
+                }
+            }
+        };
+
+        let mut written_before = d.entries_written;
         let map = match &d.p2m {
             Some(p2m) => FrameMap::Translated(p2m),
             None => FrameMap::Direct(&d.owned),
         };
-        let mut mem = GuestMem::new(&mut d.host, map);
+        let mut mem = GuestMem::new(&mut d.host, map, &frames);
         let mut result = walk_mode::<G, Gpa, _>(&mut mem, env, va, access);
         let mut read_fault = None;
         if Self::maybe_fetch(ec, &ctl)
@@ -138,29 +298,116 @@ where
         for (gpa, width) in writes {
             d.after_guest_write(gpa, u64::from(width))?;
         }
-        let flavor = d.vcpus[v].flavor;
-
-        let t = match result {
-            Ok(t) => t,
-            Err(failure) => {
-                return match failure.fault {
-                    WalkFault::PageFault(gec) => {
-                        if !gec.present() && failure.path.last().is_some_and(|e| e.level == 1) {
-                            Self::install_not_present(d, v, va, &failure.path, flavor)?;
-                        }
-                        Ok(FaultOutcome::Propagate(gec))
-                    }
-                    WalkFault::GeneralProtection => Err(EngineError::BadArgument(
-                        "#PF reported for a non-canonical address",
-                    )),
-                    // A guest table in unbacked guest-physical space reads as not present.
-                    WalkFault::Memory(_) => Ok(FaultOutcome::Propagate(guest_ec)),
-                };
+        let plan = match &result {
+            Ok(t) if !reserved => {
+                let now = |e: &PathEntry<Gpa>| Self::read_gentry(d, &frames, e.addr).unwrap_or(0);
+                let plan = Self::plan(d, &frames, v, va, &t.path, flavor, now);
+                if plan.is_none() {
+                    // Not foreseen (see above): reserve now, still counting the validated
+                    // A/D writes as changes.
+                    let validated = d.entries_written.wrapping_sub(written_before);
+                    Self::reserve_fill(d)?;
+                    written_before = d.entries_written.wrapping_sub(validated);
+                }
+                plan
             }
+            // Not foreseen either: the walk that succeeded without A/D updates failed with
+            // them (an A/D write the memory refused).
+            Err(_) if !reserved => {
+                Self::reserve_fill(d)?;
+                None
+            }
+            _ => None,
         };
+        match result {
+            Ok(t) => Self::walked(
+                d,
+                &frames,
+                v,
+                va,
+                access,
+                &t,
+                plan,
+                false,
+                written_before,
+                read_fault,
+            ),
+            Err(failure) => Self::walk_failed(d, &frames, v, va, guest_ec, &failure, None),
+        }
+    }
 
+    /// A walk of the guest's tables through `frames`.
+    fn guest_walk<H: MachineMemory>(
+        d: &mut Domain<H>,
+        frames: &FrameCache,
+        env: WalkEnv<'_>,
+        va: Gva,
+        access: Access,
+    ) -> Result<Translation<Gpa>, WalkFailure<Gpa>> {
+        let map = match &d.p2m {
+            Some(p2m) => FrameMap::Translated(p2m),
+            None => FrameMap::Direct(&d.owned),
+        };
+        let mut mem = GuestMem::new(&mut d.host, map, frames);
+        walk_mode::<G, Gpa, _>(&mut mem, env, va, access)
+    }
+
+    /// Whether a fault whose walk failed this way writes the not-present magic.
+    fn installs_not_present<H: MachineMemory>(d: &Domain<H>, failure: &WalkFailure<Gpa>) -> bool {
+        d.fast_path_on()
+            && failure.error_code().is_some_and(|gec| !gec.present())
+            && failure.path.last().is_some_and(|e| e.level == 1)
+    }
+
+    /// The end of a fault whose guest walk failed (its A/D writes, if any, validated).
+    /// `plan`: the descent to the leaf, if it was worked out before anything changed
+    /// (else the pool blocks of a fill are reserved).
+    #[allow(clippy::too_many_arguments)]
+    fn walk_failed<H: MachineMemory>(
+        d: &mut Domain<H>,
+        frames: &FrameCache,
+        v: usize,
+        va: Gva,
+        guest_ec: PfErrorCode,
+        failure: &WalkFailure<Gpa>,
+        plan: Option<Plan>,
+    ) -> Result<FaultOutcome, EngineError> {
+        match failure.fault {
+            WalkFault::PageFault(gec) => {
+                if Self::installs_not_present(d, failure) {
+                    Self::install_not_present(d, frames, v, va, &failure.path, plan)?;
+                }
+                Ok(FaultOutcome::Propagate(gec))
+            }
+            WalkFault::GeneralProtection => Err(EngineError::BadArgument(
+                "#PF reported for a non-canonical address",
+            )),
+            // A guest table in unbacked guest-physical space reads as not present.
+            WalkFault::Memory(_) => Ok(FaultOutcome::Propagate(guest_ec)),
+        }
+    }
+
+    /// The end of a fault whose guest walk succeeded (its A/D writes, if any, validated):
+    /// fill the shadows and say what the host must do. `plan`: the descent through shadows
+    /// that all exist (without one, the pool blocks of a fill are reserved). `current`:
+    /// whether `t.path` is what guest memory holds (the walk wrote nothing).
+    /// `read_fault`: the read error code of a fault taken for a fetch.
+    #[allow(clippy::too_many_arguments)]
+    fn walked<H: MachineMemory>(
+        d: &mut Domain<H>,
+        frames: &FrameCache,
+        v: usize,
+        va: Gva,
+        access: Access,
+        t: &Translation<Gpa>,
+        plan: Option<Plan>,
+        current: bool,
+        written_before: u64,
+        read_fault: Option<PfErrorCode>,
+    ) -> Result<FaultOutcome, EngineError> {
+        let flavor = d.vcpus[v].flavor;
         let gfn = t.frame;
-        let target = d.guest_frame(gfn);
+        let target = frames.guest_frame(d, gfn);
         let mfn = match target {
             Some((mfn, P2mType::Ram)) => Some(mfn),
             _ => None,
@@ -172,7 +419,7 @@ where
             d.mark_dirty(gfn);
             d.stats.fault_log_dirty += 1;
         }
-        Self::fill(d, v, va, &t.path, flavor)?;
+        Self::fill(d, frames, v, va, &t.path, flavor, plan, current)?;
         // The walk's A/D updates, validated into the shadows, may be what fixed the fault.
         let changed = d.entries_written != written_before;
 
@@ -286,25 +533,37 @@ where
 
     /// Builds the shadows down to the leaf for `va` from a successful guest walk's path and
     /// writes the leaf.
+    #[allow(clippy::too_many_arguments)]
     fn fill<H: MachineMemory>(
         d: &mut Domain<H>,
+        frames: &FrameCache,
         v: usize,
         va: Gva,
         path: &WalkPath<Gpa>,
         flavor: Flavor,
+        plan: Option<Plan>,
+        current: bool,
     ) -> Result<(), EngineError> {
-        let Some(leaf) = Self::descend(d, v, va, path, flavor, true)? else {
+        let leaf = match plan {
+            Some(plan) => Some(Self::follow(d, va, &plan, flavor)?),
+            None => Self::descend(d, frames, v, va, path, flavor, true)?,
+        };
+        let Some(leaf) = leaf else {
             return Ok(());
         };
         let new = match leaf.superpage {
-            Some((pde, gfn)) => Self::fl1_sentry(d, pde, gfn)?,
+            Some((pde, gfn)) => Self::fl1_sentry(d, frames, pde, gfn)?,
             None => {
-                let addr = path
+                let entry = path
                     .at_level(1)
-                    .map(|e| e.addr)
                     .ok_or(EngineError::Internal("walk path without a leaf"))?;
-                let gl1e = Self::read_gentry(d, addr).unwrap_or(0);
-                Self::leaf_sentry(d, gl1e, flavor)?
+                // After A/D writes the entry must be read back.
+                let gl1e = if current {
+                    entry.value
+                } else {
+                    Self::read_gentry(d, frames, entry.addr).unwrap_or(0)
+                };
+                Self::leaf_sentry(d, frames, gl1e, flavor)?
             }
         };
         d.set_sentry(leaf.slot, new)
@@ -313,17 +572,22 @@ where
     /// After a walk that failed on a not-present guest L1 entry, writes the not-present
     /// magic into the shadow L1 entry (when the upper levels are shadowable), so that the
     /// next such fault takes the fast path.
+    /// `plan`: the descent, if it was worked out before anything changed (else the pool
+    /// blocks of a fill are reserved).
     fn install_not_present<H: MachineMemory>(
         d: &mut Domain<H>,
+        frames: &FrameCache,
         v: usize,
         va: Gva,
         path: &WalkPath<Gpa>,
-        flavor: Flavor,
+        plan: Option<Plan>,
     ) -> Result<(), EngineError> {
-        if !d.fast_path_on() {
-            return Ok(());
-        }
-        if let Some(leaf) = Self::descend(d, v, va, path, flavor, false)?
+        let flavor = d.vcpus[v].flavor;
+        let leaf = match plan {
+            Some(plan) => Some(Self::follow(d, va, &plan, flavor)?),
+            None => Self::descend(d, frames, v, va, path, flavor, false)?,
+        };
+        if let Some(leaf) = leaf
             && leaf.superpage.is_none()
         {
             d.set_sentry(leaf.slot, MAGIC | MAGIC_NOT_PRESENT)?;
@@ -336,6 +600,7 @@ where
     /// shadowed yet (A clear, or `strict` is false and an entry is not linkable).
     fn descend<H: MachineMemory>(
         d: &mut Domain<H>,
+        frames: &FrameCache,
         v: usize,
         va: Gva,
         path: &WalkPath<Gpa>,
@@ -361,14 +626,14 @@ where
             let Some(entry) = path.at_level(level) else {
                 return Ok(None);
             };
-            let gentry = Self::read_gentry(d, entry.addr).unwrap_or(0);
+            let gentry = Self::read_gentry(d, frames, entry.addr).unwrap_or(0);
             if !Self::linkable(d, gentry, level, flavor) {
                 if strict {
                     return Err(EngineError::Internal("a walked entry is not shadowable"));
                 }
                 return Ok(None);
             }
-            let Some(key) = Self::child_key(d, gentry, level, flavor)? else {
+            let Some(key) = Self::child_key(d, frames, gentry, level, flavor)? else {
                 return Ok(None);
             };
             let (child, _) = d.get_or_create(key)?;
@@ -392,6 +657,107 @@ where
             slot: Maddr::new(shadow.base().raw() + Self::soffset(1, va.raw())),
             superpage: None,
         }))
+    }
+
+    /// The descent [`Engine::descend`] would make along `path` when every shadow on the way
+    /// exists and every entry can be linked, worked out without changing anything; None
+    /// when something would be created, or the descent would stop or fail (the caller then
+    /// reserves and descends). `gentry_of` gives each path entry's value as the descent
+    /// will read it.
+    #[allow(clippy::too_many_arguments)]
+    fn plan<H: MachineMemory>(
+        d: &Domain<H>,
+        frames: &FrameCache,
+        v: usize,
+        va: Gva,
+        path: &WalkPath<Gpa>,
+        flavor: Flavor,
+        gentry_of: impl Fn(&PathEntry<Gpa>) -> u64,
+    ) -> Option<Plan> {
+        let top_index = if G::NUM_LEVELS == 3 {
+            ((va.raw() >> 30) & 3) as usize
+        } else {
+            0
+        };
+        let top = d.vcpus.get(v)?.tops.get(top_index).copied().flatten()?;
+        let mut shadow = top;
+        let unused = PlannedLink {
+            level: 0,
+            gentry: 0,
+            child: top,
+        };
+        let mut links = [unused; 4];
+        let mut len = 0;
+        let mut level = Self::HASHED_TOP;
+        while level >= 2 {
+            let gentry = gentry_of(path.at_level(level)?);
+            // Not linkable: a strict descent fails and a lax one stops, after linking the
+            // levels above; either way the careful path decides.
+            if !Self::linkable(d, gentry, level, flavor) {
+                return None;
+            }
+            let key = Self::child_key(d, frames, gentry, level, flavor).ok()??;
+            let child = d.store.lookup(&key)?;
+            *links.get_mut(len)? = PlannedLink {
+                level,
+                gentry,
+                child,
+            };
+            len += 1;
+            if key.kind.is_fl1() {
+                let frames_shift = G::shift(level) - 12;
+                let index = (va.raw() >> 12) & ((1u64 << frames_shift) - 1);
+                let base = gfn_of(G::entry_address(gentry, level, true));
+                let leaf = Leaf {
+                    slot: Maddr::new(child.base().raw() + index * S::ENTRY_BYTES),
+                    superpage: Some((gentry, crate::addr::Gfn::new(base.raw() + index))),
+                };
+                return Some(Plan {
+                    top,
+                    links,
+                    len,
+                    leaf,
+                });
+            }
+            shadow = child;
+            level -= 1;
+        }
+        let leaf = Leaf {
+            slot: Maddr::new(shadow.base().raw() + Self::soffset(1, va.raw())),
+            superpage: None,
+        };
+        Some(Plan {
+            top,
+            links,
+            len,
+            leaf,
+        })
+    }
+
+    /// Writes the links of a [`Plan`], top down, as [`Engine::descend`] would, and returns
+    /// its leaf. Linking cannot invalidate a later step: a changed link can only unhash the
+    /// old child of its own level, whose kind no other step of the plan has.
+    fn follow<H: MachineMemory>(
+        d: &mut Domain<H>,
+        va: Gva,
+        plan: &Plan,
+        flavor: Flavor,
+    ) -> Result<Leaf, EngineError> {
+        let mut shadow = plan.top;
+        for link in plan.links.iter().take(plan.len) {
+            let gindex = G::index(va.raw(), link.level) as u64;
+            Self::link(
+                d,
+                shadow,
+                link.level,
+                gindex,
+                link.gentry,
+                Some(link.child),
+                flavor,
+            )?;
+            shadow = link.child;
+        }
+        Ok(plan.leaf)
     }
 
     /// A fault of a vcpu with paging disabled, running on the p2m itself.

@@ -3,6 +3,7 @@
 
 use super::{Engine, Supported};
 use crate::addr::{Gfn, Maddr, Mfn};
+use crate::domain::guest_mem::FrameCache;
 use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
 use crate::paging::PagingMode;
@@ -28,15 +29,16 @@ where
         let last = (offset + len - 1) / G::ENTRY_BYTES;
         let entries = G::ENTRIES_PER_TABLE as u64;
         let level = key.kind.level();
+        let frames = FrameCache::new();
         for gindex in first..=last.min(entries - 1) {
             d.stats.validated_entries += 1;
             let gentry = Self::read_gentry_in(d, Mfn::new(key.frame), gindex)?;
             if level == 1 {
                 let slot = Maddr::new(head.base().raw() + gindex * S::ENTRY_BYTES);
-                let new = Self::leaf_sentry(d, gentry, key.flavor)?;
+                let new = Self::leaf_sentry(d, &frames, gentry, key.flavor)?;
                 d.set_sentry(slot, new)?;
             } else {
-                let child = Self::existing_child(d, gentry, level, key)?;
+                let child = Self::existing_child(d, &frames, gentry, level, key)?;
                 Self::link(d, head, level, gindex, gentry, child, key.flavor)?;
             }
         }
@@ -46,6 +48,7 @@ where
     /// The existing shadow an upper guest entry leads to, if it is linkable.
     fn existing_child<H: MachineMemory>(
         d: &Domain<H>,
+        frames: &FrameCache,
         gentry: u64,
         level: u8,
         key: ShadowKey,
@@ -53,7 +56,7 @@ where
         if !Self::linkable(d, gentry, level, key.flavor) {
             return Ok(None);
         }
-        Ok(Self::child_key(d, gentry, level, key.flavor)?.and_then(|k| d.store.lookup(&k)))
+        Ok(Self::child_key(d, frames, gentry, level, key.flavor)?.and_then(|k| d.store.lookup(&k)))
     }
 
     /// For the auditor: the upper shadow entry at shadow entry `index` of the shadow with
@@ -67,7 +70,7 @@ where
         let ratio = Self::ratio(level);
         let gindex = index / ratio;
         let gentry = Self::read_gentry_in(d, Mfn::new(key.frame), gindex)?;
-        let Some(child) = Self::existing_child(d, gentry, level, key)? else {
+        let Some(child) = Self::existing_child(d, &FrameCache::new(), gentry, level, key)? else {
             return Ok(None);
         };
         let superpage = Self::is_superpage(d, gentry, level, key.flavor);
@@ -88,9 +91,14 @@ where
             // A splinter's entries depend on the p2m and frame state only; its upper entry
             // carries the guest's rights.
             let gfn = Gfn::new(key.frame + index);
-            return Ok(Some(Self::fl1_sentry(d, 0, gfn)?));
+            return Ok(Some(Self::fl1_sentry(d, &FrameCache::new(), 0, gfn)?));
         }
         let gentry = Self::read_gentry_in(d, Mfn::new(key.frame), index)?;
-        Ok(Some(Self::leaf_sentry(d, gentry, key.flavor)?))
+        Ok(Some(Self::leaf_sentry(
+            d,
+            &FrameCache::new(),
+            gentry,
+            key.flavor,
+        )?))
     }
 }
