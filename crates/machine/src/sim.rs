@@ -3,7 +3,8 @@
 //! checked against the guest oracle (same frame, never more permission, A/D as required).
 
 use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
-use shadow2::domain::{Domain, DomainConfig, EngineError, GuestFault};
+use shadow2::domain::{Domain, DomainConfig, EmulateOutcome, EngineError, GuestFault};
+use shadow2::emulate::{EmuError, EmuFault, EmuMemory, Regs, emulate_write};
 use shadow2::flush::Flush;
 use shadow2::host::MachineMemory;
 use shadow2::multi::FaultOutcome;
@@ -341,6 +342,9 @@ impl ShadowMachine {
             Ok(Reached::At(addr)) => copy_to_phys(self.domain.host_mut(), addr, data)
                 .map_err(|_| GuestError::Engine(EngineError::Internal("write to unbacked memory"))),
             Ok(Reached::Emulated) => Ok(()),
+            Ok(Reached::NeedsEmulation(_)) => Err(GuestError::Engine(EngineError::Internal(
+                "a data write asked for instruction emulation",
+            ))),
             Err(GuestError::Mmio { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -448,6 +452,11 @@ impl ShadowMachine {
                         }
                         FaultOutcome::Emulate { gpa } => {
                             self.traps.emulated_writes += 1;
+                            if data.is_none() && access.is_write() {
+                                // An instruction-level write: the caller runs the engine's
+                                // emulator on the instruction itself.
+                                return Ok(Reached::NeedsEmulation(gpa));
+                            }
                             return self.emulate_write(v, va, access, gpa, data, expected, &ctl);
                         }
                     }
@@ -538,4 +547,176 @@ enum Reached {
     At(Maddr),
     /// The engine had the write emulated: the data is already in memory.
     Emulated,
+    /// The write needs the engine's emulator run on the faulting instruction.
+    NeedsEmulation(Gpa),
+}
+
+/// The simulated CPU executing one guest instruction: it decodes with the same emulator the
+/// engine uses, but every access goes through the hardware's walk of the shadow tables (and
+/// the oracle), so a write to a shadowed page table faults and is handed to the engine's
+/// emulator exactly as on real hardware.
+struct HwMemory<'a> {
+    m: &'a mut ShadowMachine,
+    v: usize,
+    privilege: Privilege,
+    /// Why the last access stopped, beyond what an `EmuFault` can say.
+    stop: Option<Stop>,
+}
+
+/// Why the simulated CPU stopped an instruction.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// The engine wants the instruction emulated (its target is a shadowed page table).
+    Emulate(Gpa),
+    /// The guest sees this instead.
+    Guest(GuestError),
+}
+
+impl HwMemory<'_> {
+    fn translate(&mut self, va: u64, kind: AccessKind) -> Result<Maddr, EmuFault> {
+        let access = Access::new(kind, self.privilege);
+        match self.m.access(self.v, Gva::new(va), access, None) {
+            Ok(Reached::At(addr)) => Ok(addr),
+            Ok(Reached::NeedsEmulation(gpa)) => {
+                self.stop = Some(Stop::Emulate(gpa));
+                Err(EmuFault::GeneralProtection)
+            }
+            Ok(Reached::Emulated) => {
+                self.stop = Some(Stop::Guest(GuestError::Engine(EngineError::Internal(
+                    "an instruction access was emulated as data",
+                ))));
+                Err(EmuFault::GeneralProtection)
+            }
+            Err(GuestError::PageFault { va, code }) => Err(EmuFault::PageFault {
+                va: va.raw(),
+                code: code.bits(),
+            }),
+            Err(GuestError::GeneralProtection) => Err(EmuFault::GeneralProtection),
+            Err(e) => {
+                self.stop = Some(Stop::Guest(e));
+                Err(EmuFault::GeneralProtection)
+            }
+        }
+    }
+
+    fn pages(va: u64, len: usize) -> Vec<(u64, usize)> {
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let at = va.wrapping_add(done as u64);
+            let n = ((4096 - (at & 0xfff)) as usize).min(len - done);
+            out.push((at, n));
+            done += n;
+        }
+        out
+    }
+
+    fn load(&mut self, va: u64, buf: &mut [u8], kind: AccessKind) -> Result<(), EmuFault> {
+        let mut done = 0;
+        for (at, n) in Self::pages(va, buf.len()) {
+            let addr = self.translate(at, kind)?;
+            copy_from_phys(self.m.domain.host(), addr, &mut buf[done..done + n])
+                .map_err(|_| EmuFault::GeneralProtection)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl EmuMemory for HwMemory<'_> {
+    fn fetch(&mut self, va: u64, buf: &mut [u8]) -> Result<(), EmuFault> {
+        self.load(va, buf, AccessKind::Fetch)
+    }
+    fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), EmuFault> {
+        self.load(va, buf, AccessKind::Read)
+    }
+    fn read_for_write(&mut self, va: u64, buf: &mut [u8]) -> Result<(), EmuFault> {
+        self.load(va, buf, AccessKind::Write)
+    }
+    fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
+        let mut targets = Vec::new();
+        for (at, n) in Self::pages(va, data.len()) {
+            targets.push((self.translate(at, AccessKind::Write)?, n));
+        }
+        let mut done = 0;
+        for (addr, n) in targets {
+            copy_to_phys(self.m.domain.host_mut(), addr, &data[done..done + n])
+                .map_err(|_| EmuFault::GeneralProtection)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// How many times one instruction may be restarted (after fills, an unshadow) before the
+/// simulator calls it stuck.
+const MAX_RESTARTS: usize = 16;
+
+impl ShadowMachine {
+    /// Executes the write instruction at `regs.rip` on vcpu `v` like hardware: instruction
+    /// fetch, operand reads and the write go through the shadow tables; a fault the engine
+    /// fixes restarts the instruction; a write to a shadowed page table is emulated by the
+    /// engine from the instruction bytes in guest memory. On success `regs` hold the state
+    /// after the instruction.
+    pub fn exec(&mut self, v: usize, regs: &mut Regs) -> Result<(), GuestError> {
+        let privilege = if regs.cpl == 3 {
+            Privilege::User
+        } else {
+            Privilege::Supervisor
+        };
+        for _ in 0..MAX_RESTARTS {
+            let mut next = *regs;
+            let mut mem = HwMemory {
+                m: self,
+                v,
+                privilege,
+                stop: None,
+            };
+            let result = emulate_write(&mut next, &mut mem);
+            let stop = mem.stop;
+            match (stop, result) {
+                (_, Ok(done)) => {
+                    *regs = next;
+                    if done.complete {
+                        return Ok(());
+                    }
+                }
+                (Some(Stop::Emulate(gpa)), _) => {
+                    let (outcome, flush) = self
+                        .domain
+                        .emulate(v, regs, gpa)
+                        .map_err(GuestError::Engine)?;
+                    self.settle(flush);
+                    // The engine changed guest page tables: a correct guest's own TLB
+                    // discipline follows such writes; the shadows were updated in place.
+                    match outcome {
+                        EmulateOutcome::Done(done) if done.complete => return Ok(()),
+                        EmulateOutcome::Done(_) | EmulateOutcome::Unshadowed => {}
+                        EmulateOutcome::Fault(f) => return Err(guest_error(f)),
+                    }
+                }
+                (Some(Stop::Guest(e)), _) => return Err(e),
+                (None, Err(EmuError::Fault(f))) => return Err(guest_error(f)),
+                (None, Err(EmuError::Unhandled(what))) => {
+                    let _ = what;
+                    return Err(GuestError::Engine(EngineError::BadArgument(
+                        "the simulated CPU executes only write instructions",
+                    )));
+                }
+            }
+        }
+        Err(GuestError::Engine(EngineError::Internal(
+            "an instruction did not complete",
+        )))
+    }
+}
+
+fn guest_error(f: EmuFault) -> GuestError {
+    match f {
+        EmuFault::PageFault { va, code } => GuestError::PageFault {
+            va: Gva::new(va),
+            code: PfErrorCode(code),
+        },
+        EmuFault::GeneralProtection => GuestError::GeneralProtection,
+    }
 }

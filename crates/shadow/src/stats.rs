@@ -41,6 +41,8 @@ pub struct Stats {
     pub validated_entries: u64,
     /// Writes emulated or performed on the guest's behalf.
     pub emulated_writes: u64,
+    /// Instructions the emulator could not do (the page was unshadowed instead).
+    pub emulation_failures: u64,
     /// Shadows created.
     pub shadows_created: u64,
     /// Shadows destroyed.
@@ -70,7 +72,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 30] {
+    pub fn fields(&self) -> [(&'static str, u64); 31] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
@@ -90,6 +92,7 @@ impl Stats {
             ("invlpg", self.invlpg),
             ("validated_entries", self.validated_entries),
             ("emulated_writes", self.emulated_writes),
+            ("emulation_failures", self.emulation_failures),
             ("shadows_created", self.shadows_created),
             ("shadows_destroyed", self.shadows_destroyed),
             ("unshadows", self.unshadows),

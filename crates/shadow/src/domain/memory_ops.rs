@@ -67,6 +67,19 @@ impl<H: MachineMemory> Domain<H> {
     pub fn write_guest_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<Flush, EngineError> {
         self.run(|d| {
             d.stats.emulated_writes += 1;
+            d.write_guest_phys_now(gpa, data)
+        })
+        .map(|((), f)| f)
+    }
+
+    /// The body of [`Domain::write_guest_phys`], inside an operation already running.
+    pub(crate) fn write_guest_phys_now(
+        &mut self,
+        gpa: Gpa,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
+        let d = self;
+        {
             let mut done = 0usize;
             while done < data.len() {
                 let addr = Gpa::new(gpa.raw().wrapping_add(done as u64));
@@ -92,8 +105,7 @@ impl<H: MachineMemory> Domain<H> {
                 done += chunk;
             }
             Ok(())
-        })
-        .map(|((), f)| f)
+        }
     }
 
     /// Reads guest-physical memory (for an emulator, or a host inspecting the guest).

@@ -7,6 +7,7 @@
 
 mod config;
 mod control;
+mod emulate_ops;
 pub(crate) mod entries;
 pub(crate) mod guest_mem;
 mod memory_ops;
@@ -17,6 +18,7 @@ use alloc::vec::Vec;
 
 pub use config::{DomainConfig, EngineError, GuestFault, RefcountMode};
 pub use control::{CleanProgress, ShadowOp, ShadowOpResult};
+pub use emulate_ops::EmulateOutcome;
 pub use vcpu::Vcpu;
 
 use crate::addr::{Gfn, Gva, Mfn};
