@@ -3,7 +3,7 @@
 //! the hardware did on the shadow tables.
 
 use shadow2::addr::{Gpa, Gva, Maddr, Mfn};
-use shadow2::domain::Domain;
+use shadow2::domain::{Domain, RefcountMode};
 use shadow2::host::MachineMemory;
 use shadow2::p2m::P2mType;
 use shadow2::paging::{
@@ -84,6 +84,17 @@ pub fn expect<H: MachineMemory>(
 ) -> Expected {
     match guest_walk(domain, ctl, va, access) {
         Ok(t) => match domain.guest_frame(t.frame) {
+            // With guest refcounts (PV), page-table pages are read-only to the guest.
+            Some((mfn, P2mType::Ram))
+                if access.is_write()
+                    && domain.config().refcounts == RefcountMode::Guest
+                    && domain.shadows().is_page_table(mfn) =>
+            {
+                Expected::PageFault(
+                    shadow2::paging::PfErrorCode::for_access(access, ctl).bits()
+                        | shadow2::paging::PfErrorCode::P,
+                )
+            }
             Some((mfn, P2mType::Ram)) => Expected::Frame(mfn),
             _ => Expected::Mmio(t.addr),
         },

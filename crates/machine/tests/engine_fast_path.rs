@@ -234,3 +234,11 @@ fn mmio_that_becomes_ram_is_reached_as_ram() {
         check(&m);
     }
 }
+
+#[test]
+fn fast_path_works_on_pae_shadows() {
+    for pair in [Pair::P2on3, Pair::P3on3] {
+        not_present_fast_path(pair);
+        mmio_fast_path(pair);
+    }
+}

@@ -322,3 +322,41 @@ fn test_mode_fails_the_domain_on_a_broken_invariant() {
     let _ = m.domain_mut().shadow_op(ShadowOp::DisableTest).unwrap();
     assert!(!m.domain().test_mode());
 }
+
+#[test]
+fn guest_refcounts_make_page_tables_read_only_to_the_guest() {
+    use shadow2::domain::RefcountMode;
+    for refcounts in [RefcountMode::Shadow, RefcountMode::Guest] {
+        let mut config = hvm(PagingLevels::Four, 1, 128);
+        config.refcounts = refcounts;
+        let mut m = machine(config, 64);
+        let mut t = Tables::new(PagingLevels::Four, 1, 30);
+        let cr3 = t.new_root(0);
+        let l1 = t.table_of(&mut m, cr3, 0x40_0000, 1);
+        t.map(&mut m, cr3, 0x80_0000, l1, DATA);
+        t.map(&mut m, cr3, 0x40_0000, 40, DATA);
+        set_mode(&mut m, 0, PagingLevels::Four, cr3);
+        read_u64(&mut m, 0, 0x40_0000).unwrap();
+        let pte = (41 << 12) | DATA;
+        let r = write_u64(&mut m, 0, 0x80_0008, pte);
+        match refcounts {
+            // Shadow refcounts: the write is emulated.
+            RefcountMode::Shadow => {
+                r.unwrap();
+                assert_eq!(t.read(&m, (l1 << 12) + 8), pte);
+            }
+            // Guest refcounts: a protection fault; the guest uses the explicit interface.
+            RefcountMode::Guest => {
+                assert!(
+                    matches!(r, Err(GuestError::PageFault { code, .. }) if code.present() && code.write()),
+                    "{r:?}"
+                );
+                assert_eq!(t.read(&m, (l1 << 12) + 8), 0);
+                t.write(&mut m, (l1 << 12) + 8, pte);
+            }
+        }
+        write_u64(&mut m, 0, 0x40_1000, 5).unwrap();
+        assert_eq!(phys_u64(&m, 41 << 12), 5);
+        check(&m);
+    }
+}

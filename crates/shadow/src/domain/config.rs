@@ -14,8 +14,10 @@ use crate::pool::PoolError;
 pub enum RefcountMode {
     /// The engine counts shadow references itself.
     Shadow,
-    /// The guest maintains type counts (PV); the engine refuses guest entries that map a
-    /// page-table frame writable instead of silently protecting it.
+    /// The guest keeps its page-table pages typed itself (PV): they are read-only to it,
+    /// and it changes them through the explicit interface (a hypercall that writes and calls
+    /// [`crate::Domain::validate_guest_pt_write`]). A direct write to a shadowed page table
+    /// is a protection fault for the guest instead of being emulated.
     Guest,
 }
 

@@ -8,7 +8,7 @@ use super::{Engine, FaultOutcome, Supported};
 use crate::addr::{Gpa, Gva, Maddr, Mfn};
 use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic, decode_magic};
 use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
-use crate::domain::{Domain, EngineError};
+use crate::domain::{Domain, EngineError, RefcountMode};
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
 use crate::paging::{
@@ -419,6 +419,12 @@ where
             d.mark_dirty(gfn);
             d.stats.fault_log_dirty += 1;
         }
+        if access.is_write()
+            && t.leaf_level > 0
+            && t.path.last().is_some_and(|e| e.value & bits::D == 0)
+        {
+            d.stats.fault_dirty_bit += 1;
+        }
         Self::fill(d, frames, v, va, &t.path, flavor, plan, current)?;
         // The walk's A/D updates, validated into the shadows, may be what fixed the fault.
         let changed = d.entries_written != written_before;
@@ -437,6 +443,16 @@ where
             });
         };
         if access.is_write() {
+            if d.config.refcounts == RefcountMode::Guest && d.store.is_page_table(mfn) {
+                // With guest refcounts (PV) a page-table page is read-only to its guest,
+                // which updates it through the explicit interface (a hypercall that calls
+                // `validate_guest_pt_write`), so a direct write faults as a protection
+                // violation instead of being emulated.
+                return Ok(FaultOutcome::Propagate(PfErrorCode(
+                    PfErrorCode::for_access_in(access, &d.vcpus[v].ctl, G::LEVELS).bits()
+                        | PfErrorCode::P,
+                )));
+            }
             let wp0_write = !t.perms.write;
             if d.store.is_page_table(mfn) || wp0_write {
                 return Ok(FaultOutcome::Emulate {
@@ -469,10 +485,17 @@ where
         access: Access,
         guest_ec: PfErrorCode,
     ) -> Result<Option<FaultOutcome>, EngineError> {
-        let Some(hw) = d.hardware_control(v) else {
+        let Some(mut hw) = d.hardware_control(v) else {
             return Ok(None);
         };
         let feat = d.config.guest_features;
+        if S::LEVELS == PagingLevels::Three {
+            // PAE hardware walks from its PDPTE registers, loaded from the shadow root.
+            match crate::paging::load_pae_pdptes::<Maddr, _>(&d.host, hw.cr3, &feat) {
+                Ok(pdptes) => hw.pdptes = pdptes,
+                Err(_) => return Ok(None),
+            }
+        }
         let env = WalkEnv {
             ctl: &hw,
             feat: &feat,
