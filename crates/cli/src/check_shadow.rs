@@ -89,7 +89,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
     } else {
         for r in &merged {
             println!(
-                "{:>5}: {:>7} ops {:>8} accesses {:>6} fills {:>6} propagated ({:>5} fast) {:>5} emulated {:>5} evictions {:>4} unshadows {:>3} cleans  violations {} mismatches {}",
+                "{:>5}: {:>7} ops {:>8} accesses {:>6} fills {:>6} propagated ({:>5} fast) {:>5} emulated ({:>4} from instructions) {:>5} evictions {:>4} unshadows {:>3} cleans  violations {} mismatches {}",
                 r.pair,
                 r.ops,
                 r.accesses,
@@ -97,6 +97,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
                 r.traps.propagated,
                 r.fast_path,
                 r.traps.emulated_writes,
+                r.instruction_emulations,
                 r.evictions,
                 r.unshadows,
                 r.dirty_cleans,
@@ -160,6 +161,7 @@ fn merge(pairs: &[Pair], reports: &[ChurnReport]) -> Vec<ChurnReport> {
                 m.oracle_mismatches += r.oracle_mismatches;
                 m.lost_dirty_pages += r.lost_dirty_pages;
                 m.dirty_cleans += r.dirty_cleans;
+                m.instruction_emulations += r.instruction_emulations;
                 m.shadows_created += r.shadows_created;
                 m.evictions += r.evictions;
                 m.fast_path += r.fast_path;

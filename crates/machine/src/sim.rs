@@ -64,6 +64,8 @@ pub enum GuestError {
     },
     /// #GP(0).
     GeneralProtection,
+    /// #UD: the simulated CPU executes only the write instructions the emulator decodes.
+    InvalidOpcode,
     /// An access to MMIO space (no device model here: reads as nothing, writes dropped).
     Mmio {
         /// The guest-physical address.
@@ -697,12 +699,9 @@ impl ShadowMachine {
                 }
                 (Some(Stop::Guest(e)), _) => return Err(e),
                 (None, Err(EmuError::Fault(f))) => return Err(guest_error(f)),
-                (None, Err(EmuError::Unhandled(what))) => {
-                    let _ = what;
-                    return Err(GuestError::Engine(EngineError::BadArgument(
-                        "the simulated CPU executes only write instructions",
-                    )));
-                }
+                // The simulated CPU executes only the write instructions the emulator
+                // decodes; anything else is an invalid opcode to it.
+                (None, Err(EmuError::Unhandled(_))) => return Err(GuestError::InvalidOpcode),
             }
         }
         Err(GuestError::Engine(EngineError::Internal(

@@ -84,6 +84,38 @@ pub struct Guest {
     pub nx: bool,
 }
 
+/// The guest frame of the kernel's code page.
+pub const CODE_GFN: u64 = 0;
+/// Bytes between the instructions in the code page.
+pub const CODE_STRIDE: u64 = 16;
+
+/// The instructions a kernel of this mode writes page-table entries with. Registers: the
+/// entry's address in rDI; the new value in rAX (in EBX:ECX for CMPXCHG8B, in rDX for
+/// CMPXCHG, whose rAX holds the expected old value; a bit number in rAX for BTR).
+pub fn pte_store_forms(levels: PagingLevels) -> &'static [&'static [u8]] {
+    match levels {
+        PagingLevels::Four => &[
+            &[0x48, 0x89, 0x07],             // mov [rdi], rax
+            &[0x48, 0x87, 0x07],             // xchg [rdi], rax
+            &[0xf0, 0x48, 0x0f, 0xb1, 0x17], // lock cmpxchg [rdi], rdx
+            &[0xf0, 0x48, 0x09, 0x07],       // lock or [rdi], rax
+            &[0xf0, 0x48, 0x0f, 0xb3, 0x07], // lock btr [rdi], rax
+        ],
+        PagingLevels::Three => &[
+            &[0xf0, 0x0f, 0xc7, 0x0f], // lock cmpxchg8b [edi]
+            &[0x89, 0x07],             // mov [edi], eax (low half)
+            &[0xf0, 0x09, 0x07],       // lock or [edi], eax
+        ],
+        _ => &[
+            &[0x89, 0x07],             // mov [edi], eax
+            &[0x87, 0x07],             // xchg [edi], eax
+            &[0xf0, 0x0f, 0xb1, 0x17], // lock cmpxchg [edi], edx
+            &[0xf0, 0x09, 0x07],       // lock or [edi], eax
+            &[0xf0, 0x0f, 0xb3, 0x07], // lock btr [edi], eax
+        ],
+    }
+}
+
 /// The L4 slot of the 64-bit self-map, and the linear base it gives.
 pub const SELF_MAP_SLOT_4: u64 = 509;
 pub const SELF_MAP_BASE_4: u64 = 0xffff_fe80_0000_0000;
@@ -176,7 +208,29 @@ impl Guest {
         };
         let p = Process { cr3 };
         self.processes.push(p);
+        // The kernel's code page, where its page-table writing instructions live.
+        let (slot, _) = self.ensure_path(m, rng, &p, self.code_va(), 1)?;
+        let code = CODE_GFN << 12 | bits::P | bits::A;
+        self.write_entry_phys(m, slot, code).ok()?;
         Some(p)
+    }
+
+    /// Where the kernel's code page is mapped (supervisor, read-only, executable).
+    pub fn code_va(&self) -> u64 {
+        match self.shape.levels {
+            PagingLevels::Four => 0xffff_ffff_8100_0000,
+            _ => 0xd000_0000,
+        }
+    }
+
+    /// Puts the page-table writing instructions of this mode into the code page, one per
+    /// [`CODE_STRIDE`] bytes, and returns how many there are.
+    pub fn install_code(&mut self, m: &mut ShadowMachine) -> Result<usize, GuestError> {
+        let forms = pte_store_forms(self.shape.levels);
+        for (i, form) in forms.iter().enumerate() {
+            m.write_phys(Gpa::new((CODE_GFN << 12) + CODE_STRIDE * i as u64), form)?;
+        }
+        Ok(forms.len())
     }
 
     /// The guest-physical address of the top-level table (PDPT for PAE).

@@ -30,6 +30,7 @@ pub use rng::Rng;
 
 use crate::oracle;
 use crate::sim::{GuestError, ShadowMachine, Traps};
+use shadow2::emulate::{CodeMode, Regs};
 
 /// What to run.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +64,9 @@ pub struct ChurnReport {
     pub dirty_cleans: u64,
     /// The first problem, described.
     pub first_problem: Option<String>,
+    /// Page-table writes done by guest instructions that the engine's emulator performed
+    /// from the instruction bytes.
+    pub instruction_emulations: u64,
     /// Traps by kind.
     pub traps: Traps,
     /// Shadows created and evictions.
@@ -204,6 +208,7 @@ pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
 
 impl Churn {
     fn boot(&mut self) -> Result<(), EngineError> {
+        self.guarded(0, |c| c.guest.install_code(&mut c.m).map(|_| ()))?;
         let cr3 = self.guest.processes.first().map_or(0, |p| p.cr3);
         let main = paging_control(self.pair.guest(), cr3, &mut self.rng);
         let second = paging_control(self.levels, cr3, &mut self.rng);
@@ -223,7 +228,7 @@ impl Churn {
             Ok(()) | Err(GuestError::PageFault { .. }) | Err(GuestError::GeneralProtection) => {
                 Ok(())
             }
-            Err(GuestError::Mmio { .. }) => Ok(()),
+            Err(GuestError::Mmio { .. }) | Err(GuestError::InvalidOpcode) => Ok(()),
             Err(GuestError::Engine(e)) => {
                 self.report
                     .problem(format!("engine error at op {}: {e}", self.report.ops));
@@ -257,7 +262,8 @@ impl Churn {
     fn op_access(&mut self) -> Result<(), EngineError> {
         let v = self.rng.below(VCPUS as u64) as usize;
         let va = if self.vcpu_levels(v) == PagingLevels::Zero {
-            self.rng.below((RAM_FRAMES + 8) * 4096) & !7
+            // Frame 0 holds the kernel's code.
+            (4096 + self.rng.below((RAM_FRAMES + 7) * 4096)) & !7
         } else {
             self.guest.random_va(&mut self.rng)
         };
@@ -413,16 +419,49 @@ impl Churn {
         };
         let target = self.guest.random_target(&mut self.rng);
         let value = (target << 12) | self.guest.random_leaf_flags(&mut self.rng, false);
-        let bytes = self.guest.shape.entry_bytes as usize;
-        let data = value.to_le_bytes();
         let ctl = self.m.guest_control(v);
         let access = Access::new(AccessKind::Write, Privilege::Supervisor);
-        let written = oracle::guest_walk(self.m.domain(), &ctl, pte_va, access)
-            .ok()
-            .map(|t| t.frame);
-        self.guarded(v, |c| {
-            c.m.write(v, pte_va, Privilege::Supervisor, &data[..bytes])
-        })?;
+        let walked = oracle::guest_walk(self.m.domain(), &ctl, pte_va, access).ok();
+        let written = walked.map(|t| t.frame);
+        // The entry's current value (what CMPXCHG expects), when the guest can see it.
+        let mut old = [0u8; 8];
+        if let Some(t) = walked {
+            let _ = self
+                .m
+                .read_phys(t.addr, &mut old[..self.guest.shape.entry_bytes as usize]);
+        }
+        let old = u64::from_le_bytes(old);
+        let forms = guest::pte_store_forms(self.levels).len() as u64;
+        let form = self.rng.below(forms);
+        let mut regs = Regs::new(if self.levels == PagingLevels::Four {
+            CodeMode::Bits64
+        } else {
+            CodeMode::Bits32
+        });
+        regs.rip = self.guest.code_va() + guest::CODE_STRIDE * form;
+        regs.gpr[Regs::RDI] = pte_va.raw();
+        regs.gpr[Regs::RAX] = value;
+        regs.gpr[Regs::RDX] = value;
+        if self.levels == PagingLevels::Three && form == 0 {
+            regs.gpr[Regs::RAX] = old & 0xffff_ffff;
+            regs.gpr[Regs::RDX] = old >> 32;
+            regs.gpr[Regs::RBX] = value & 0xffff_ffff;
+            regs.gpr[Regs::RCX] = value >> 32;
+        } else if form == 2 {
+            regs.gpr[Regs::RAX] = if self.rng.chance(80) { old } else { !old };
+        } else if form == 4 {
+            regs.gpr[Regs::RAX] = self.rng.below(8);
+        }
+        if self.levels != PagingLevels::Four {
+            for r in &mut regs.gpr {
+                *r &= 0xffff_ffff;
+            }
+        }
+        let emulated = self.m.traps().emulated_writes;
+        self.guarded(v, |c| c.m.exec(v, &mut regs))?;
+        if self.m.traps().emulated_writes > emulated {
+            self.report.instruction_emulations += 1;
+        }
         if let Some(gfn) = written {
             self.guest.written.insert(gfn);
         }
