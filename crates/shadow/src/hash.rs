@@ -137,6 +137,11 @@ impl ShadowStore {
         self.info.iter().map(|(m, i)| (*m, i))
     }
 
+    /// Every shadow (including dying ones) whose head is at or above `from`, by head.
+    pub fn shadows_from(&self, from: Mfn) -> impl Iterator<Item = (Mfn, &ShadowInfo)> + '_ {
+        self.info.range(from..).map(|(m, i)| (*m, i))
+    }
+
     /// Every hashed shadow key and its head.
     pub fn hashed(&self) -> impl Iterator<Item = (&ShadowKey, Mfn)> + '_ {
         self.hash.iter().map(|(k, m)| (k, *m))

@@ -57,12 +57,39 @@ pub struct Stats {
     pub write_access_removals: u64,
     /// Of those, satisfied by the last-writable-mapping pointer alone.
     pub write_access_by_pointer: u64,
-    /// Of those, needing a brute-force scan of L1 shadows.
+    /// Of those, completed by a brute-force scan of L1 shadows.
     pub write_access_by_scan: u64,
+    /// Tries of the last-writable pointer, method (a) (a deferred removal tries again).
+    pub write_access_pointer_tried: u64,
+    /// Tries of the linear-map hints, method (b).
+    pub write_access_hint_tried: u64,
+    /// Removals completed by the linear-map hints.
+    pub write_access_by_hint: u64,
+    /// Removals that needed the brute-force scan, method (c).
+    pub write_access_scan_tried: u64,
+    /// Bounded steps of that scan run.
+    pub write_access_scan_steps: u64,
+    /// Page faults answered with a retry because the scan had not finished within its
+    /// budget (the next fault continues it).
+    pub write_access_deferred: u64,
+    /// Scans finished inside a fault because a pass could not complete them (the guest
+    /// re-created writable mappings behind the cursor).
+    pub write_access_scan_fallbacks: u64,
     /// Shadow L1 entries scanned by brute-force searches.
     pub scanned_entries: u64,
     /// Mapping removals (p2m changes).
     pub mapping_removals: u64,
+    /// Shadows unhooked by their up pointer alone.
+    pub unhook_by_pointer: u64,
+    /// Shadows that needed a scan of upper shadows to unhook.
+    pub unhook_by_scan: u64,
+    /// Pages unshadowed by the fork/exit heuristic (consecutive emulated writes clearing
+    /// entries of one page table).
+    pub early_unshadows: u64,
+    /// Pages unshadowed by the zeroed-page teardown hint.
+    pub teardown_zeroed: u64,
+    /// Pages unshadowed by the data-reuse teardown hint.
+    pub teardown_data: u64,
     /// TLB flushes requested of the host.
     pub flushes: u64,
     /// Pages marked dirty in log-dirty mode.
@@ -72,7 +99,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 31] {
+    pub fn fields(&self) -> [(&'static str, u64); 43] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
@@ -101,8 +128,26 @@ impl Stats {
             ("write_access_removals", self.write_access_removals),
             ("write_access_by_pointer", self.write_access_by_pointer),
             ("write_access_by_scan", self.write_access_by_scan),
+            (
+                "write_access_pointer_tried",
+                self.write_access_pointer_tried,
+            ),
+            ("write_access_hint_tried", self.write_access_hint_tried),
+            ("write_access_by_hint", self.write_access_by_hint),
+            ("write_access_scan_tried", self.write_access_scan_tried),
+            ("write_access_scan_steps", self.write_access_scan_steps),
+            ("write_access_deferred", self.write_access_deferred),
+            (
+                "write_access_scan_fallbacks",
+                self.write_access_scan_fallbacks,
+            ),
             ("scanned_entries", self.scanned_entries),
             ("mapping_removals", self.mapping_removals),
+            ("unhook_by_pointer", self.unhook_by_pointer),
+            ("unhook_by_scan", self.unhook_by_scan),
+            ("early_unshadows", self.early_unshadows),
+            ("teardown_zeroed", self.teardown_zeroed),
+            ("teardown_data", self.teardown_data),
             ("flushes", self.flushes),
             ("dirty_marked", self.dirty_marked),
         ]

@@ -7,6 +7,7 @@ use crate::addr::{Gva, Mfn};
 use crate::p2m::P2mError;
 use crate::paging::{CpuFeatures, PagingLevels};
 use crate::pool::PoolError;
+use crate::remove::{LinearMapHint, TeardownHints};
 
 /// Whose reference counts keep guest page-table pages typed: the shadow code's own (HVM
 /// guests) or the guest's, validated by the hypervisor (PV guests).
@@ -44,6 +45,25 @@ pub struct DomainConfig {
     /// Encode guest-not-present and MMIO entries with reserved bits so that those faults are
     /// handled from the shadow entry alone (seed future optimisation 2).
     pub fast_path: bool,
+    /// The guest OS's linear maps (a direct map of physical memory, a self-map), from which
+    /// the engine guesses where a frame becoming a page table is mapped writable before it
+    /// falls back to scanning every L1 shadow (see [`crate::remove`]). Also settable later
+    /// with `Domain::set_linear_maps`.
+    pub linear_maps: [Option<LinearMapHint>; 4],
+    /// Shadow entries a page fault may scan looking for writable mappings of a frame that is
+    /// becoming a page table. When the scan has not finished by then, the fault is answered
+    /// `Spurious` (the guest retries) and the next fault continues it (see [`crate::remove`]
+    /// for the bound). 0: no budget, a scan always finishes in the fault.
+    pub scan_budget: usize,
+    /// The fork/exit heuristic (seed future optimisation 3, Xen's early unshadow): after
+    /// this many consecutive emulated writes of one vcpu that leave every entry they touch
+    /// not present, into the same page table and with no other shadow fault of that vcpu in
+    /// between, the page is unshadowed instead of emulating the rest of its teardown.
+    /// 0 turns the heuristic off.
+    pub early_unshadow_writes: u32,
+    /// Per-guest-OS teardown hints (seed future optimisation 5): when to unshadow a page
+    /// table a guest is recycling.
+    pub teardown: TeardownHints,
 }
 
 impl DomainConfig {
@@ -61,7 +81,32 @@ impl DomainConfig {
                 ..CpuFeatures::KVM_HOST
             },
             fast_path: true,
+            linear_maps: [None; 4],
+            scan_budget: DomainConfig::DEFAULT_SCAN_BUDGET,
+            early_unshadow_writes: DomainConfig::DEFAULT_EARLY_UNSHADOW_WRITES,
+            teardown: TeardownHints::NONE,
         }
+    }
+
+    /// The default [`DomainConfig::scan_budget`]: 128 Ki entries per fault, that is 1 MiB
+    /// of shadow memory read (256 pages of PAE or 64-bit L1 shadows, 128 of 2-level ones).
+    pub const DEFAULT_SCAN_BUDGET: usize = 1 << 17;
+
+    /// The default [`DomainConfig::early_unshadow_writes`].
+    pub const DEFAULT_EARLY_UNSHADOW_WRITES: u32 = 4;
+
+    /// This configuration with `hint` added to its linear maps (in the first free place;
+    /// when all four are taken, the last is replaced).
+    pub fn with_linear_map(mut self, hint: LinearMapHint) -> DomainConfig {
+        match self.linear_maps.iter_mut().find(|m| m.is_none()) {
+            Some(slot) => *slot = Some(hint),
+            None => {
+                if let Some(last) = self.linear_maps.last_mut() {
+                    *last = Some(hint);
+                }
+            }
+        }
+        self
     }
 
     /// The linear-address range reserved for the hypervisor in internal mode: the top
@@ -129,6 +174,11 @@ pub enum EngineError {
     DomainFailed,
     /// A frame the p2m was asked to map is a pool, p2m-table or hypervisor frame.
     ForbiddenFrame(Mfn),
+    /// A bounded step of a long search ran out of budget before the operation could be
+    /// done; nothing the guest can see changed, and the operation can be retried. A page
+    /// fault never returns it: it answers [`crate::multi::FaultOutcome::Spurious`] instead,
+    /// and the guest's retry continues the search.
+    Preempted,
 }
 
 impl EngineError {
@@ -164,6 +214,7 @@ impl fmt::Display for EngineError {
                     "frame {mfn} belongs to the hypervisor and cannot be mapped"
                 )
             }
+            EngineError::Preempted => write!(f, "out of budget: retry the operation"),
         }
     }
 }

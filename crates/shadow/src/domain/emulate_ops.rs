@@ -3,17 +3,40 @@
 //! (A/D set, SMAP honoured), every page written is validated into its shadows at once, and
 //! an instruction the emulator cannot do unshadows the page so the guest can write it
 //! natively: never a wrong write, never a lost one.
+//!
+//! After each emulated write, two heuristics decide whether the page is still worth
+//! shadowing (unshadowing is always correct: the guest's next use re-shadows it):
+//!
+//! - **fork/exit** (seed optimisation 3, Xen's "early unshadow"): a vcpu that makes
+//!   [`DomainConfig::early_unshadow_writes`] emulated writes in a row, each leaving every
+//!   entry it touched not present, into the same page table, with no other shadow fault in
+//!   between, is tearing the table down (an exiting process, a parent's copy-on-write pass
+//!   after fork): the page is unshadowed, and the rest of the ~500 writes run natively.
+//! - **teardown hints** (seed optimisation 5, [`DomainConfig::teardown`]): a page table
+//!   zeroed whole by one write (a REP STOS chunk) is being recycled; an entry written with
+//!   reserved bits set at every level the page is shadowed at means the page now holds data.
+//!   Either unshadows it at once.
+//!
+//! Neither unshadows a page that is the top-level table a vcpu runs on: it would be
+//! shadowed again at once to give the vcpu a root.
+//!
+//! [`DomainConfig::early_unshadow_writes`]: super::DomainConfig::early_unshadow_writes
+//! [`DomainConfig::teardown`]: super::DomainConfig::teardown
 
 use alloc::vec::Vec;
 
 use super::guest_mem::{FrameCache, FrameMap, GuestMem};
 use super::{Domain, EngineError};
-use crate::addr::{Gpa, Gva, PAGE_SIZE};
+use crate::addr::{Gpa, Gva, Maddr, Mfn, PAGE_SIZE};
 use crate::emulate::{EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
-use crate::paging::{Access, AccessKind, AdUpdate, PfErrorCode, WalkEnv, WalkFault, walk};
+use crate::paging::{
+    Access, AccessKind, AdUpdate, ControlState, FourLevel, PagingLevels, PagingMode, PfErrorCode,
+    ThreeLevel, TwoLevel, WalkEnv, WalkFault, bits, bits::cr, walk,
+};
+use crate::types::{Flavor, ShadowKey};
 
 /// What became of an emulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +57,8 @@ struct VcpuMemory<'a, H: MachineMemory> {
     cpl: u8,
     /// An engine failure met inside a memory access (the emulator only knows faults).
     error: Option<EngineError>,
+    /// The pieces written (guest-physical address, length, whether every byte was zero).
+    written: Vec<(Gpa, usize, bool)>,
 }
 
 impl<H: MachineMemory> VcpuMemory<'_, H> {
@@ -141,6 +166,7 @@ impl<H: MachineMemory> EmuMemory for VcpuMemory<'_, H> {
             if let Err(e) = self.d.write_guest_phys_now(gpa, bytes) {
                 return Err(self.fail(e));
             }
+            self.written.push((gpa, n, bytes.iter().all(|&b| b == 0)));
             done += n;
         }
         Ok(())
@@ -169,9 +195,11 @@ impl<H: MachineMemory> Domain<H> {
                 v,
                 cpl: next.cpl,
                 error: None,
+                written: Vec::new(),
             };
             let result = emulate_write(&mut next, &mut mem);
             let error = mem.error;
+            let written = core::mem::take(&mut mem.written);
             match (error, result) {
                 (Some(e), _) if e.is_fatal() => Err(e),
                 (Some(_), _) | (None, Err(EmuError::Unhandled(_))) => {
@@ -180,15 +208,199 @@ impl<H: MachineMemory> Domain<H> {
                         d.rebuild_roots()?;
                     }
                     d.stats.emulation_failures += 1;
+                    d.note_fault(v);
                     Ok(EmulateOutcome::Unshadowed)
                 }
                 (None, Err(EmuError::Fault(f))) => Ok(EmulateOutcome::Fault(f)),
                 (None, Ok(done)) => {
                     *regs = next;
                     d.stats.emulated_writes += 1;
+                    d.after_emulated_write(v, &written)?;
                     Ok(EmulateOutcome::Done(done))
                 }
             }
         })
     }
+}
+
+/// What one emulated write did to one page table.
+#[derive(Clone, Copy, Debug, Default)]
+struct PageEffect {
+    /// Every entry it touched is now not present.
+    cleared: bool,
+    /// It wrote the whole page with zeros.
+    zeroed: bool,
+    /// It left an entry that cannot be one (present, reserved bits set at every level the
+    /// page is shadowed at).
+    data: bool,
+}
+
+impl<H: MachineMemory> Domain<H> {
+    /// The heuristics run after an emulated write by vcpu `v` of the `written` pieces: the
+    /// fork/exit count and the teardown hints (see the module documentation).
+    fn after_emulated_write(
+        &mut self,
+        v: usize,
+        written: &[(Gpa, usize, bool)],
+    ) -> Result<(), EngineError> {
+        if self.remove.early.len() < self.vcpus.len() {
+            self.remove.early.resize(self.vcpus.len(), None);
+        }
+        let hints = self.config.teardown;
+        let mut unshadowed = false;
+        // The one page table all pieces cleared entries of, if the write was a teardown
+        // write of one table.
+        let mut cleared_table: Option<Mfn> = None;
+        let mut teardown_write = !written.is_empty();
+        for &(gpa, len, zero) in written {
+            let Some((mfn, P2mType::Ram)) = self.guest_frame(gpa.gfn()) else {
+                teardown_write = false;
+                continue;
+            };
+            if !self.store.is_page_table(mfn) {
+                teardown_write = false;
+                continue;
+            }
+            let effect = self.page_effect(v, mfn, gpa, len, zero)?;
+            let in_use = self.is_top_in_use(mfn);
+            if !in_use && hints.zeroed_page && effect.zeroed {
+                self.stats.teardown_zeroed += 1;
+                self.unshadow(mfn)?;
+                unshadowed = true;
+                teardown_write = false;
+                continue;
+            }
+            if !in_use && hints.data_reuse && effect.data {
+                self.stats.teardown_data += 1;
+                self.unshadow(mfn)?;
+                unshadowed = true;
+                teardown_write = false;
+                continue;
+            }
+            if !effect.cleared || cleared_table.is_some_and(|m| m != mfn) {
+                teardown_write = false;
+            }
+            cleared_table = Some(mfn);
+        }
+        let threshold = self.config.early_unshadow_writes;
+        let run = match (teardown_write && threshold > 0, cleared_table) {
+            (true, Some(mfn)) => match self.remove.early.get(v).copied().flatten() {
+                Some((m, n)) if m == mfn => Some((mfn, n.saturating_add(1))),
+                _ => Some((mfn, 1)),
+            },
+            _ => None,
+        };
+        let run = match run {
+            Some((mfn, n)) if n >= threshold => {
+                if !self.is_top_in_use(mfn) {
+                    self.stats.early_unshadows += 1;
+                    self.unshadow(mfn)?;
+                    unshadowed = true;
+                }
+                None
+            }
+            other => other,
+        };
+        if let Some(slot) = self.remove.early.get_mut(v) {
+            *slot = run;
+        }
+        if unshadowed {
+            self.rebuild_roots()?;
+        }
+        Ok(())
+    }
+
+    /// What the write of `len` bytes at `gpa` (in page table `mfn`; `zero`: every byte
+    /// written was zero) left in the table.
+    fn page_effect(
+        &self,
+        v: usize,
+        mfn: Mfn,
+        gpa: Gpa,
+        len: usize,
+        zero: bool,
+    ) -> Result<PageEffect, EngineError> {
+        let len = len as u64;
+        let keys: Vec<ShadowKey> = self.store.of_frame(mfn).map(|(k, _)| k).collect();
+        let vcpu_levels = self.vcpus.get(v).map(|c| c.ctl.levels());
+        // Entries are read at the width of the page's own shadows (the writer's mode if it
+        // has none of its own, e.g. a 32-bit and a 64-bit view of one page).
+        let narrow = keys
+            .first()
+            .and_then(|k| k.kind.guest_levels())
+            .or(vcpu_levels)
+            .is_some_and(|l| l == PagingLevels::Two);
+        let width: u64 = if narrow { 4 } else { 8 };
+        let first = gpa.offset() & !(width - 1);
+        let end = (gpa.offset() + len).div_ceil(width) * width;
+        let mut effect = PageEffect {
+            cleared: true,
+            zeroed: zero && gpa.offset() == 0 && len == PAGE_SIZE,
+            data: false,
+        };
+        let mut offset = first;
+        while offset < end.min(PAGE_SIZE) {
+            let entry = self
+                .host
+                .read_entry(Maddr::new(mfn.base().raw() + offset), width)?;
+            if entry & bits::P != 0 {
+                effect.cleared = false;
+                if self.config.teardown.data_reuse
+                    && !keys.is_empty()
+                    && keys.iter().all(|k| self.reserved_in(k, entry) != 0)
+                {
+                    effect.data = true;
+                }
+            }
+            offset += width;
+        }
+        Ok(effect)
+    }
+
+    /// The reserved bits of present guest entry `entry` in a table shadowed with `key`.
+    fn reserved_in(&self, key: &ShadowKey, entry: u64) -> u64 {
+        fn reserved<M: PagingMode>(
+            entry: u64,
+            level: u8,
+            ctl: &ControlState,
+            feat: &crate::paging::CpuFeatures,
+        ) -> u64 {
+            let leaf =
+                level == 1 || (entry & bits::PS != 0 && M::superpage_level(level, ctl, feat));
+            M::reserved_bits(entry, level, leaf, ctl, feat)
+        }
+        let Some(levels) = key.kind.guest_levels() else {
+            return 0;
+        };
+        let ctl = flavor_ctl(levels, key.flavor);
+        let feat = self.config.guest_features;
+        let level = key.kind.level();
+        match levels {
+            PagingLevels::Two => reserved::<TwoLevel>(entry, level, &ctl, &feat),
+            PagingLevels::Three => reserved::<ThreeLevel>(entry, level, &ctl, &feat),
+            PagingLevels::Four => reserved::<FourLevel>(entry, level, &ctl, &feat),
+            PagingLevels::Zero => 0,
+        }
+    }
+}
+
+/// Control state carrying just what a guest mode and a flavor say about entry formats.
+fn flavor_ctl(levels: PagingLevels, flavor: Flavor) -> ControlState {
+    let mut ctl = ControlState {
+        cr0: cr::CR0_PE | cr::CR0_PG,
+        ..ControlState::default()
+    };
+    if flavor.pse {
+        ctl.cr4 |= cr::CR4_PSE;
+    }
+    if flavor.nxe {
+        ctl.efer |= cr::EFER_NXE;
+    }
+    if matches!(levels, PagingLevels::Three | PagingLevels::Four) {
+        ctl.cr4 |= cr::CR4_PAE;
+    }
+    if levels == PagingLevels::Four {
+        ctl.efer |= cr::EFER_LMA | cr::EFER_LME;
+    }
+    ctl
 }

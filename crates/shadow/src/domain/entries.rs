@@ -179,12 +179,8 @@ impl<H: MachineMemory> Domain<H> {
     fn alloc_evicting(&mut self, order: u8) -> Result<Mfn, EngineError> {
         let mut blown = false;
         loop {
-            // While a shrink is under way the pool serves no more than its target, so that
-            // the guest cannot refill the chunks being given back (unless nothing else is
-            // left to evict: a guest access never fails for a shrink).
-            let over_target = !blown
-                && self.pool.total_pages() > self.pool_target
-                && self.pool.used_pages() + (1 << order) > self.pool_target;
+            // Unless nothing else is left to evict: a guest access never fails for a shrink.
+            let over_target = !blown && self.over_target(self.pool.used_pages() + (1 << order));
             if !over_target && let Some(m) = self.pool.alloc(order) {
                 return Ok(m);
             }
@@ -197,6 +193,27 @@ impl<H: MachineMemory> Domain<H> {
             self.blow_tables()?;
             blown = true;
         }
+    }
+
+    /// Whether `used` pages in use would exceed the pool's target while a shrink is under
+    /// way: the pool then serves no more than its target, so that the guest cannot refill
+    /// the chunks being given back.
+    fn over_target(&self, used: usize) -> bool {
+        self.pool.total_pages() > self.pool_target && used > self.pool_target
+    }
+
+    /// Whether [`Domain::prealloc`] of `orders` would take its blocks without evicting
+    /// anything, so that reserving and releasing them changes nothing and an operation
+    /// that will create nothing may skip it. (Sufficient, not necessary: a false answer
+    /// only costs a reserve.)
+    pub(crate) fn prealloc_is_idle(&self, orders: &[u8]) -> bool {
+        let pages: usize = orders.iter().map(|&o| 1usize << o).sum();
+        if self.over_target(self.pool.used_pages() + pages) {
+            return false;
+        }
+        // A whole free chunk serves any block; any free page serves a one-page block.
+        self.pool.free_whole_chunks() >= orders.len()
+            || (orders.iter().all(|&o| o == 0) && self.pool.free_pages() >= orders.len())
     }
 
     /// Sets aside pool blocks of `orders` before an operation changes anything, so that

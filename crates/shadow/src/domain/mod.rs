@@ -75,6 +75,9 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) failed: Option<EngineError>,
     /// Shadow entries changed so far (tells a fix from a spurious fault).
     pub(crate) entries_written: u64,
+    /// The searches' state between calls: the write-access scan's cursor and the frames
+    /// waiting for it, the fork/exit heuristic's per-vcpu run (see [`crate::remove`]).
+    pub(crate) remove: crate::remove::RemoveState,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -129,6 +132,7 @@ impl<H: MachineMemory> Domain<H> {
             needs_root: VcpuSet::NONE,
             failed: None,
             entries_written: 0,
+            remove: crate::remove::RemoveState::default(),
         })
     }
 
@@ -370,7 +374,7 @@ impl<H: MachineMemory> Domain<H> {
             let pair = d.vcpus[v]
                 .pair
                 .ok_or(EngineError::BadArgument("vcpu has no paging mode yet"))?;
-            let outcome = pair.page_fault(d, v, va, error_code)?;
+            let outcome = d.shadow_fault(v, va, |d| pair.page_fault(d, v, va, error_code))?;
             match outcome {
                 FaultOutcome::Fixed => d.stats.fault_fixed += 1,
                 FaultOutcome::Spurious => d.stats.fault_spurious += 1,

@@ -119,21 +119,17 @@ where
     }
 
     /// Reserves the pool blocks of the deepest fill unless `idle` (the fault will create
-    /// nothing) and the pool could serve them without evicting: then reserving would only
-    /// take the blocks and give them back. When the pool is short, reserving evicts, and a
-    /// fault keeps doing so even when it creates nothing: those evictions are part of how
-    /// a running guest's shadows make room (a pool shrink counts on them). True if it
-    /// reserved, which may have evicted shadows a [`Plan`] found.
+    /// nothing) and reserving would evict nothing: then it would only take the blocks and
+    /// give them back. When the pool is short (or shrinking), reserving evicts, and a fault
+    /// keeps doing so even when it creates nothing: those evictions are part of how a
+    /// running guest's shadows make room. True if it reserved, which may have evicted
+    /// shadows a [`Plan`] found.
     fn reserve_unless_idle<H: MachineMemory>(
         d: &mut Domain<H>,
         idle: bool,
     ) -> Result<bool, EngineError> {
         let orders = Self::fill_orders()?;
-        let n = orders.len;
-        // A whole free chunk serves any block; any free page serves a one-page block.
-        let room = d.pool.free_whole_chunks() >= n
-            || (orders.as_slice().iter().all(|&o| o == 0) && d.pool.free_pages() >= n);
-        if idle && room {
+        if idle && d.prealloc_is_idle(orders.as_slice()) {
             return Ok(false);
         }
         d.prealloc(orders.as_slice())?;
