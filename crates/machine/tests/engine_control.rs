@@ -284,9 +284,9 @@ fn stats_counters_move_with_what_happens() {
         s.write_access_removals,
     );
     moved(
-        "write_access_by_pointer + write_access_by_scan",
-        s0.write_access_by_pointer + s0.write_access_by_scan,
-        s.write_access_by_pointer + s.write_access_by_scan,
+        "write_access_by_pointer + write_access_by_scan + write_access_by_rmap",
+        s0.write_access_by_pointer + s0.write_access_by_scan + s0.write_access_by_rmap,
+        s.write_access_by_pointer + s.write_access_by_scan + s.write_access_by_rmap,
     );
     moved("mapping_removals", s0.mapping_removals, s.mapping_removals);
     moved("flushes", s0.flushes, s.flushes);

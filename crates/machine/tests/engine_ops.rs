@@ -352,8 +352,8 @@ fn page_becoming_a_page_table_loses_every_writable_mapping() {
         let s = m.domain().stats();
         assert_eq!(s.write_access_removals, s0.write_access_removals + 1);
         assert!(
-            s.write_access_by_scan + s.write_access_by_pointer
-                > s0.write_access_by_scan + s0.write_access_by_pointer
+            s.write_access_by_scan + s.write_access_by_pointer + s.write_access_by_rmap
+                > s0.write_access_by_scan + s0.write_access_by_pointer + s0.write_access_by_rmap
         );
         // Writes through the old data mappings are now page-table writes: emulated, and
         // seen by the new region at once.

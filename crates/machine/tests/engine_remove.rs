@@ -7,6 +7,15 @@
 
 mod engine_support;
 
+/// These tests exercise the searches used without a reverse map: turn it off even when the
+/// engine is built with the `rmap` feature.
+fn no_rmap(config: shadow2::domain::DomainConfig) -> shadow2::domain::DomainConfig {
+    shadow2::domain::DomainConfig {
+        reverse_map: false,
+        ..config
+    }
+}
+
 use std::collections::BTreeMap;
 
 use engine_support::*;
@@ -115,7 +124,7 @@ fn assert_promoted(m: &mut ShadowMachine, t: &Tables, via: u64) {
 #[test]
 fn a_the_last_writable_pointer_finds_the_only_writable_mapping() {
     for pair in PAIRS {
-        let (mut m, mut t, cr3) = setup(pair, hvm(pair.shadow(), 1, 128));
+        let (mut m, mut t, cr3) = setup(pair, no_rmap(hvm(pair.shadow(), 1, 128)));
         let s0 = *m.domain().stats();
         promote(&mut m, &mut t, cr3);
         let d = moved(&m, &s0);
@@ -147,7 +156,7 @@ fn b_a_hinted_direct_map_finds_a_mapping_the_pointer_does_not_know() {
     for pair in PAIRS {
         let levels = pair.guest();
         let (hint, d_va) = direct_map(levels);
-        let config = hvm(pair.shadow(), 1, 128).with_linear_map(hint);
+        let config = no_rmap(hvm(pair.shadow(), 1, 128)).with_linear_map(hint);
         let (mut m, mut t, cr3) = setup(pair, config);
         // The kernel's direct map of F, written through: a second writable mapping.
         t.map(&mut m, cr3, d_va, F, DATA);
@@ -220,7 +229,7 @@ fn self_map(
 fn b_a_hinted_self_map_finds_the_page_table_window() {
     for pair in PAIRS {
         let levels = pair.guest();
-        let mut m = machine(hvm(pair.shadow(), 1, 128), 128);
+        let mut m = machine(no_rmap(hvm(pair.shadow(), 1, 128)), 128);
         let mut t = Tables::new(levels, 1, 80);
         let cr3 = t.new_root(0x20);
         let (hint, window) = self_map(&mut m, &mut t, cr3, levels);
@@ -272,7 +281,7 @@ fn b_a_hinted_self_map_finds_the_page_table_window() {
 #[test]
 fn c_two_unrelated_mappings_need_the_scan() {
     for pair in PAIRS {
-        let (mut m, mut t, cr3) = setup(pair, hvm(pair.shadow(), 1, 128));
+        let (mut m, mut t, cr3) = setup(pair, no_rmap(hvm(pair.shadow(), 1, 128)));
         t.map(&mut m, cr3, B, F, DATA);
         write_u64(&mut m, 0, B + 0x800, 0x5e).unwrap();
         assert_eq!(m.domain().shadows().frame(mfn_of(&m, F)).writable, 2);
@@ -295,7 +304,7 @@ fn hints_that_guess_wrong_change_nothing_and_the_scan_still_finds_the_mapping() 
     for pair in PAIRS {
         let levels = pair.guest();
         let (hint, _) = direct_map(levels);
-        let config = hvm(pair.shadow(), 1, 128).with_linear_map(hint);
+        let config = no_rmap(hvm(pair.shadow(), 1, 128)).with_linear_map(hint);
         let (mut m, mut t, cr3) = setup(pair, config);
         t.map(&mut m, cr3, B, F, DATA);
         write_u64(&mut m, 0, B + 0x800, 0x5e).unwrap();
@@ -359,7 +368,7 @@ fn a_bounded_scan_over_many_l1_shadows_continues_across_faults_until_done() {
     for pair in PAIRS {
         let config = DomainConfig {
             scan_budget: 4096,
-            ..hvm(pair.shadow(), 1, 256)
+            ..no_rmap(hvm(pair.shadow(), 1, 256))
         };
         let (mut m, mut t, cr3) = setup(pair, config);
         let regions = extra_l1_shadows(&mut m, &mut t, cr3, 16);
@@ -422,7 +431,7 @@ fn while_a_scan_is_pending_the_frame_is_not_a_page_table_and_every_step_is_bound
     for pair in PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
-            ..hvm(pair.shadow(), 1, 256)
+            ..no_rmap(hvm(pair.shadow(), 1, 256))
         };
         let (mut m, mut t, cr3) = setup(pair, config);
         let regions = extra_l1_shadows(&mut m, &mut t, cr3, 24);
@@ -461,7 +470,7 @@ fn a_mapping_recreated_behind_the_cursor_is_found_by_a_pass_finished_in_the_call
     for pair in PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
-            ..hvm(pair.shadow(), 1, 256)
+            ..no_rmap(hvm(pair.shadow(), 1, 256))
         };
         let (mut m, mut t, cr3) = setup(pair, config);
         let mut regions = extra_l1_shadows(&mut m, &mut t, cr3, 24);
@@ -506,7 +515,7 @@ fn a_cr3_load_cannot_wait_and_finishes_its_scan_in_the_call() {
         let levels = pair.guest();
         let config = DomainConfig {
             scan_budget: 256,
-            ..hvm(pair.shadow(), 1, 256)
+            ..no_rmap(hvm(pair.shadow(), 1, 256))
         };
         let (mut m, mut t, cr3) = setup(pair, config);
         let regions = extra_l1_shadows(&mut m, &mut t, cr3, 24);
@@ -547,7 +556,7 @@ fn a_p2m_change_removes_every_mapping_and_forgets_a_pending_scan() {
     for pair in PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
-            ..hvm(pair.shadow(), 1, 256)
+            ..no_rmap(hvm(pair.shadow(), 1, 256))
         };
         let (mut m, mut t, cr3) = setup(pair, config);
         let regions = extra_l1_shadows(&mut m, &mut t, cr3, 24);
@@ -595,7 +604,7 @@ fn a_p2m_change_removes_every_mapping_and_forgets_a_pending_scan() {
 #[test]
 fn unshadowing_a_multi_page_shadow_needs_only_its_up_pointer() {
     for pair in PAIRS {
-        let (mut m, mut t, cr3) = setup(pair, hvm(pair.shadow(), 1, 128));
+        let (mut m, mut t, cr3) = setup(pair, no_rmap(hvm(pair.shadow(), 1, 128)));
         promote(&mut m, &mut t, cr3);
         let s0 = *m.domain().stats();
         let flush = m.domain_mut().unshadow_page(Gfn::new(F)).unwrap();
@@ -615,7 +624,7 @@ fn unshadowing_a_multi_page_shadow_needs_only_its_up_pointer() {
 
 #[test]
 fn the_new_counters_are_named() {
-    let m = machine(hvm(PagingLevels::Four, 1, 64), 8);
+    let m = machine(no_rmap(hvm(PagingLevels::Four, 1, 64)), 8);
     let names: Vec<&str> = m.domain().stats().fields().iter().map(|f| f.0).collect();
     for name in [
         "write_access_pointer_tried",
@@ -637,7 +646,7 @@ fn the_new_counters_are_named() {
     }
     let set: std::collections::BTreeSet<_> = names.iter().collect();
     assert_eq!(set.len(), names.len());
-    let config = DomainConfig::hvm(PagingLevels::Four, 1, 64);
+    let config = no_rmap(DomainConfig::hvm(PagingLevels::Four, 1, 64));
     assert_eq!(config.linear_maps, [None; 4]);
     assert_eq!(config.early_unshadow_writes, 4);
     assert!(config.scan_budget > 0);

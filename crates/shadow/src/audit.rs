@@ -125,6 +125,8 @@ fn audit_hash<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
 fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
     let width = d.sentry_bytes();
     let mut refs: BTreeMap<Mfn, u32> = BTreeMap::new();
+    #[cfg(feature = "rmap")]
+    let mut mapped: BTreeSet<(Mfn, Maddr)> = BTreeSet::new();
     let mut writable: BTreeMap<Mfn, u32> = BTreeMap::new();
     for (head, info) in d.store.shadows() {
         let key = info.key;
@@ -148,6 +150,10 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
             r.entries_checked += 1;
             let frame = d.sentry_frame(e);
             if key.kind.is_leaf_table() {
+                #[cfg(feature = "rmap")]
+                if let Some(m) = frame {
+                    mapped.insert((m, slot));
+                }
                 if let Some(m) = frame
                     && e & bits::RW != 0
                 {
@@ -208,6 +214,15 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
         if d.store.frame(*mfn).writable != *count {
             r.fail("writable mappings of a frame without metadata", mfn.raw());
         }
+    }
+    #[cfg(feature = "rmap")]
+    if let Some(rmap) = &d.rmap
+        && !rmap.iter().eq(mapped.iter().copied())
+    {
+        r.fail(
+            "reverse map disagrees with the shadow L1 entries",
+            rmap.len() as u64,
+        );
     }
 }
 

@@ -26,6 +26,8 @@ pub mod multi;
 pub mod p2m;
 pub mod pool;
 pub mod remove;
+#[cfg(feature = "rmap")]
+pub mod rmap;
 pub mod stats;
 #[cfg(test)]
 pub(crate) mod testmem;

@@ -43,6 +43,8 @@ pub struct Stats {
     pub emulated_writes: u64,
     /// Instructions the emulator could not do (the page was unshadowed instead).
     pub emulation_failures: u64,
+    /// Write-access removals done with the reverse map.
+    pub write_access_by_rmap: u64,
     /// Shadows created.
     pub shadows_created: u64,
     /// Shadows destroyed.
@@ -99,7 +101,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 43] {
+    pub fn fields(&self) -> [(&'static str, u64); 44] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
@@ -120,6 +122,7 @@ impl Stats {
             ("validated_entries", self.validated_entries),
             ("emulated_writes", self.emulated_writes),
             ("emulation_failures", self.emulation_failures),
+            ("write_access_by_rmap", self.write_access_by_rmap),
             ("shadows_created", self.shadows_created),
             ("shadows_destroyed", self.shadows_destroyed),
             ("unshadows", self.unshadows),

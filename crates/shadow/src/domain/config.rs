@@ -45,6 +45,9 @@ pub struct DomainConfig {
     /// Encode guest-not-present and MMIO entries with reserved bits so that those faults are
     /// handled from the shadow entry alone (seed future optimisation 2).
     pub fast_path: bool,
+    /// Keep a reverse map of shadow L1 entries (needs the `rmap` feature): removing write
+    /// access or every mapping of a frame then visits exactly its entries.
+    pub reverse_map: bool,
     /// The guest OS's linear maps (a direct map of physical memory, a self-map), from which
     /// the engine guesses where a frame becoming a page table is mapped writable before it
     /// falls back to scanning every L1 shadow (see [`crate::remove`]). Also settable later
@@ -81,6 +84,7 @@ impl DomainConfig {
                 ..CpuFeatures::KVM_HOST
             },
             fast_path: true,
+            reverse_map: cfg!(feature = "rmap"),
             linear_maps: [None; 4],
             scan_budget: DomainConfig::DEFAULT_SCAN_BUDGET,
             early_unshadow_writes: DomainConfig::DEFAULT_EARLY_UNSHADOW_WRITES,

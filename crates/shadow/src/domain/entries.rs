@@ -112,6 +112,17 @@ impl<H: MachineMemory> Domain<H> {
         let old_frame = self.sentry_frame(old);
         let new_frame = self.sentry_frame(new);
         if kind.is_leaf_table() {
+            #[cfg(feature = "rmap")]
+            if let Some(rmap) = self.rmap.as_mut()
+                && old_frame != new_frame
+            {
+                if let Some(m) = old_frame {
+                    rmap.remove(m, slot);
+                }
+                if let Some(m) = new_frame {
+                    rmap.add(m, slot);
+                }
+            }
             if let Some(m) = old_frame
                 && old & bits::RW != 0
             {

@@ -78,6 +78,9 @@ pub struct Domain<H: MachineMemory> {
     /// The searches' state between calls: the write-access scan's cursor and the frames
     /// waiting for it, the fork/exit heuristic's per-vcpu run (see [`crate::remove`]).
     pub(crate) remove: crate::remove::RemoveState,
+    /// The reverse map, when the domain keeps one.
+    #[cfg(feature = "rmap")]
+    pub(crate) rmap: Option<crate::rmap::ReverseMap>,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -86,6 +89,11 @@ impl<H: MachineMemory> Domain<H> {
     pub fn new(mut host: H, config: DomainConfig) -> Result<Domain<H>, EngineError> {
         if config.vcpus == 0 || config.vcpus > 64 {
             return Err(EngineError::BadArgument("vcpus must be 1..=64"));
+        }
+        if config.reverse_map && !cfg!(feature = "rmap") {
+            return Err(EngineError::BadArgument(
+                "a reverse map needs the engine's rmap feature",
+            ));
         }
         if config.shadow_levels == PagingLevels::Zero {
             return Err(EngineError::BadArgument(
@@ -133,6 +141,8 @@ impl<H: MachineMemory> Domain<H> {
             failed: None,
             entries_written: 0,
             remove: crate::remove::RemoveState::default(),
+            #[cfg(feature = "rmap")]
+            rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
         })
     }
 

@@ -15,6 +15,11 @@ impl<H: MachineMemory> Domain<H> {
     /// count, which must be zero afterwards, checks the scan.
     pub(crate) fn remove_all_mappings(&mut self, mfn: Mfn) -> Result<(), EngineError> {
         self.stats.mapping_removals += 1;
+        #[cfg(feature = "rmap")]
+        if self.rmap.is_some() {
+            self.remove.scan.forget(mfn);
+            return self.rewrite_rmap_slots(mfn, |_| Some(0));
+        }
         let leaves = self.leaf_shadows();
         self.rewrite_entries(&leaves, |d, e| {
             (d.sentry_frame(e) == Some(mfn)).then_some(0)
@@ -22,6 +27,36 @@ impl<H: MachineMemory> Domain<H> {
         self.remove.scan.forget(mfn);
         if self.store.frame(mfn).writable != 0 {
             return Err(EngineError::Internal("mappings left after a full scan"));
+        }
+        Ok(())
+    }
+
+    /// Rewrites every shadow L1 entry the reverse map records for `mfn` (where `pick`
+    /// returns a new value); the frame's writable count must then be zero.
+    #[cfg(feature = "rmap")]
+    pub(crate) fn rewrite_rmap_slots(
+        &mut self,
+        mfn: Mfn,
+        pick: impl Fn(u64) -> Option<u64>,
+    ) -> Result<(), EngineError> {
+        let slots: alloc::vec::Vec<crate::addr::Maddr> = self
+            .rmap
+            .as_ref()
+            .map(|r| r.slots(mfn).collect())
+            .unwrap_or_default();
+        for slot in slots {
+            let entry = self.read_sentry(slot)?;
+            if self.sentry_frame(entry) == Some(mfn)
+                && let Some(new) = pick(entry)
+            {
+                self.set_sentry(slot, new)?;
+            }
+        }
+        self.remove.scan.forget(mfn);
+        if self.store.frame(mfn).writable != 0 {
+            return Err(EngineError::Internal(
+                "writable mappings missing from the reverse map",
+            ));
         }
         Ok(())
     }

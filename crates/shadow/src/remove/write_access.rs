@@ -28,6 +28,13 @@ impl<H: MachineMemory> Domain<H> {
             self.stats.write_access_removals += 1;
         }
 
+        // With a reverse map: exactly the entries that map the frame.
+        #[cfg(feature = "rmap")]
+        if self.rmap.is_some() {
+            self.stats.write_access_by_rmap += 1;
+            return self.rewrite_rmap_slots(mfn, |e| (e & bits::RW != 0).then_some(e & !bits::RW));
+        }
+
         // (a) The entry that last took the count from zero to one.
         if self.store.frame(mfn).last_writable.is_some() {
             self.stats.write_access_pointer_tried += 1;
