@@ -4,7 +4,7 @@
 
 use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
 use shadow2::domain::{Domain, DomainConfig, EmulateOutcome, EngineError, GuestFault};
-use shadow2::emulate::{EmuError, EmuFault, EmuMemory, Regs, emulate_write};
+use shadow2::emulate::{EmuError, EmuFault, EmuMemory, Regs, emulate_write, page_pieces};
 use shadow2::flush::Flush;
 use shadow2::host::MachineMemory;
 use shadow2::multi::FaultOutcome;
@@ -303,14 +303,7 @@ impl ShadowMachine {
         privilege: Privilege,
         buf: &mut [u8],
     ) -> Result<(), GuestError> {
-        let access = Access::new(AccessKind::Read, privilege);
-        let Reached::At(addr) = self.access(v, va, access, None)? else {
-            return Err(GuestError::Engine(EngineError::Internal(
-                "a read was emulated",
-            )));
-        };
-        copy_from_phys(self.domain.host(), addr, buf)
-            .map_err(|_| GuestError::Engine(EngineError::Internal("read of unbacked memory")))
+        self.load(v, va, Access::new(AccessKind::Read, privilege), buf)
     }
 
     /// Fetches `buf.len()` bytes (inside one page) at `va`.
@@ -321,14 +314,23 @@ impl ShadowMachine {
         privilege: Privilege,
         buf: &mut [u8],
     ) -> Result<(), GuestError> {
-        let access = Access::new(AccessKind::Fetch, privilege);
+        self.load(v, va, Access::new(AccessKind::Fetch, privilege), buf)
+    }
+
+    fn load(
+        &mut self,
+        v: usize,
+        va: Gva,
+        access: Access,
+        buf: &mut [u8],
+    ) -> Result<(), GuestError> {
         let Reached::At(addr) = self.access(v, va, access, None)? else {
             return Err(GuestError::Engine(EngineError::Internal(
-                "a fetch was emulated",
+                "a load was emulated",
             )));
         };
         copy_from_phys(self.domain.host(), addr, buf)
-            .map_err(|_| GuestError::Engine(EngineError::Internal("fetch of unbacked memory")))
+            .map_err(|_| GuestError::Engine(EngineError::Internal("load of unbacked memory")))
     }
 
     /// Writes `data` (inside one page) at `va`.
@@ -601,21 +603,9 @@ impl HwMemory<'_> {
         }
     }
 
-    fn pages(va: u64, len: usize) -> Vec<(u64, usize)> {
-        let mut out = Vec::new();
-        let mut done = 0usize;
-        while done < len {
-            let at = va.wrapping_add(done as u64);
-            let n = ((4096 - (at & 0xfff)) as usize).min(len - done);
-            out.push((at, n));
-            done += n;
-        }
-        out
-    }
-
     fn load(&mut self, va: u64, buf: &mut [u8], kind: AccessKind) -> Result<(), EmuFault> {
         let mut done = 0;
-        for (at, n) in Self::pages(va, buf.len()) {
+        for (at, n) in page_pieces(va, buf.len()) {
             let addr = self.translate(at, kind)?;
             copy_from_phys(self.m.domain.host(), addr, &mut buf[done..done + n])
                 .map_err(|_| EmuFault::GeneralProtection)?;
@@ -637,7 +627,7 @@ impl EmuMemory for HwMemory<'_> {
     }
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
         let mut targets = Vec::new();
-        for (at, n) in Self::pages(va, data.len()) {
+        for (at, n) in page_pieces(va, data.len()) {
             targets.push((self.translate(at, AccessKind::Write)?, n));
         }
         let mut done = 0;

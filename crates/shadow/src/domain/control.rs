@@ -250,12 +250,7 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     fn protect_all_leaves(&mut self) -> Result<(), EngineError> {
-        let leaves: Vec<(Mfn, u8)> = self
-            .store
-            .shadows()
-            .filter(|(_, i)| i.key.kind.is_leaf_table())
-            .map(|(h, i)| (h, i.order))
-            .collect();
+        let leaves = self.leaf_shadows();
         self.rewrite_entries(&leaves, |d, e| {
             (d.sentry_frame(e).is_some() && e & bits::RW != 0).then_some(e & !bits::RW)
         })

@@ -28,7 +28,7 @@ use alloc::vec::Vec;
 use super::guest_mem::{FrameCache, FrameMap, GuestMem};
 use super::{Domain, EngineError};
 use crate::addr::{Gpa, Gva, Maddr, Mfn, PAGE_SIZE};
-use crate::emulate::{EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write};
+use crate::emulate::{EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write, page_pieces};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
@@ -107,25 +107,9 @@ impl<H: MachineMemory> VcpuMemory<'_, H> {
         }
     }
 
-    /// The page-sized pieces of `len` bytes at `va`: (linear address, length).
-    fn pieces(va: u64, len: usize) -> impl Iterator<Item = (u64, usize)> {
-        let mut done = 0usize;
-        core::iter::from_fn(move || {
-            if done >= len {
-                return None;
-            }
-            let at = va.wrapping_add(done as u64);
-            let room = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
-            let n = room.min(len - done);
-            let piece = (at, n);
-            done += n;
-            Some(piece)
-        })
-    }
-
     fn load(&mut self, va: u64, buf: &mut [u8], kind: AccessKind) -> Result<(), EmuFault> {
         let mut done = 0usize;
-        for (at, n) in Self::pieces(va, buf.len()) {
+        for (at, n) in page_pieces(va, buf.len()) {
             let gpa = self.translate(at, kind)?;
             let Some(out) = buf.get_mut(done..done + n) else {
                 return Err(self.fail(EngineError::Internal("emulator buffer")));
@@ -152,7 +136,7 @@ impl<H: MachineMemory> EmuMemory for VcpuMemory<'_, H> {
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
         // Every page is checked (and its A/D set) before any byte is written.
         let mut targets: Vec<(Gpa, usize)> = Vec::new();
-        for (at, n) in Self::pieces(va, data.len()) {
+        for (at, n) in page_pieces(va, data.len()) {
             targets.push((self.translate(at, AccessKind::Write)?, n));
         }
         let mut done = 0usize;

@@ -257,12 +257,7 @@ impl<H: MachineMemory> Domain<H> {
         if !self.fast_path_on() {
             return Ok(());
         }
-        let leaves: Vec<(Mfn, u8)> = self
-            .store
-            .shadows()
-            .filter(|(_, i)| i.key.kind.is_leaf_table())
-            .map(|(h, i)| (h, i.order))
-            .collect();
+        let leaves = self.leaf_shadows();
         self.rewrite_entries(&leaves, |_, e| {
             matches!(super::entries::decode_magic(e), Some(super::entries::Magic::Mmio(g, _)) if g == gfn.raw())
                 .then_some(0)

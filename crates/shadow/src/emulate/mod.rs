@@ -95,6 +95,22 @@ pub use exec::{AluOp, BitOp};
 /// Page size the emulator assumes when it splits fetches and REP chunks.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// The page-sized pieces of `len` bytes of linear memory at `va`, as (address, length):
+/// how an [`EmuMemory`] checks and performs an access page by page.
+pub fn page_pieces(va: u64, len: usize) -> impl Iterator<Item = (u64, usize)> {
+    let mut done = 0usize;
+    core::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = va.wrapping_add(done as u64);
+        let room = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
+        let n = room.min(len - done);
+        done += n;
+        Some((at, n))
+    })
+}
+
 /// The longest x86 instruction, in bytes.
 pub const MAX_INSTRUCTION_LEN: usize = 15;
 

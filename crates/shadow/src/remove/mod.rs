@@ -118,7 +118,7 @@ pub(crate) struct RemoveState {
 
 impl<H: MachineMemory> Domain<H> {
     /// Heads of every shadow whose entries map pages (L1s and splinters), dying ones too.
-    fn leaf_shadows(&self) -> Vec<(Mfn, u8)> {
+    pub(crate) fn leaf_shadows(&self) -> Vec<(Mfn, u8)> {
         self.store
             .shadows()
             .filter(|(_, i)| i.key.kind.is_leaf_table())
