@@ -360,3 +360,31 @@ fn guest_refcounts_make_page_tables_read_only_to_the_guest() {
         check(&m);
     }
 }
+
+#[test]
+fn pae_alias_cannot_reach_the_hole_of_an_internal_domain() {
+    // PDPTE 0 and PDPTE 3 name the same L2: VA 0x3fc0_0000 and VA 0xffc0_0000 use the same
+    // L2 entry. The first is ordinary guest memory, the second lies in the hypervisor hole.
+    let config = DomainConfig {
+        external: false,
+        ..hvm(PagingLevels::Three, 1, 64)
+    };
+    let mut m = machine(config, 64);
+    let mut t = Tables::new(PagingLevels::Three, 1, 30);
+    let cr3 = t.new_root(0x40);
+    let low = 0x3fc0_0000;
+    let high = 0xffc0_0000;
+    assert!(m.domain().config().in_hole(Gva::new(high)));
+    t.map(&mut m, cr3, low, 40, DATA);
+    let pdpte0 = t.read(&m, cr3);
+    t.write(&mut m, cr3 + 3 * 8, pdpte0);
+    set_mode(&mut m, 0, PagingLevels::Three, cr3);
+    write_u64(&mut m, 0, low, 7).unwrap();
+    // Through the alias the guest's own tables map the page, but the hole is reserved.
+    let r = read_u64(&mut m, 0, high);
+    assert!(matches!(r, Err(GuestError::PageFault { .. })), "{r:?}");
+    write_u64(&mut m, 0, low + 8, 8).unwrap();
+    let r = read_u64(&mut m, 0, high + 8);
+    assert!(matches!(r, Err(GuestError::PageFault { .. })), "{r:?}");
+    check(&m);
+}

@@ -171,6 +171,7 @@ impl ShadowStore {
             flavor: Flavor {
                 pse: false,
                 nxe: false,
+                high: false,
             },
         };
         let hi = ShadowKey {
@@ -179,6 +180,7 @@ impl ShadowStore {
             flavor: Flavor {
                 pse: true,
                 nxe: true,
+                high: true,
             },
         };
         lo..=hi

@@ -182,6 +182,11 @@ pub struct Flavor {
     pub pse: bool,
     /// EFER.NXE as seen by PAE and 64-bit guest tables.
     pub nxe: bool,
+    /// A PAE guest L2 used through PDPTE 3 in an internal domain on PAE shadows: its top
+    /// entries cover the hypervisor hole and stay empty. The same page used through
+    /// another PDPTE gets its own shadow (Xen's `l2h_pae`), so the hole cannot be reached
+    /// through an alias.
+    pub high: bool,
 }
 
 /// The key of a shadow in the hash: the shadowed guest table's machine frame (for a

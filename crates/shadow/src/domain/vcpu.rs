@@ -52,10 +52,12 @@ impl Vcpu {
             PagingLevels::Two => Flavor {
                 pse: self.ctl.cr4 & cr::CR4_PSE != 0,
                 nxe: false,
+                high: false,
             },
             PagingLevels::Three | PagingLevels::Four => Flavor {
                 pse: false,
                 nxe: self.ctl.nxe(),
+                high: false,
             },
             PagingLevels::Zero => Flavor::default(),
         }

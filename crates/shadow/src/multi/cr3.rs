@@ -10,7 +10,7 @@ use crate::flush::VcpuSet;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
 use crate::paging::{PagingLevels, PagingMode, PdptLoadError, bits, load_pae_pdptes};
-use crate::types::{ShadowKey, ShadowKind};
+use crate::types::{Flavor, ShadowKey, ShadowKind};
 
 impl<G: PagingMode, S: PagingMode> Engine<G, S>
 where
@@ -59,11 +59,12 @@ where
         }
 
         let mut orders = alloc::vec::Vec::new();
-        for frame in frames.iter().flatten() {
+        for (i, frame) in frames.iter().enumerate() {
+            let Some(frame) = frame else { continue };
             let key = ShadowKey {
                 frame: frame.raw(),
                 kind: top_kind,
-                flavor,
+                flavor: Self::top_flavor(d, flavor, i),
             };
             if d.store.lookup(&key).is_none() {
                 orders.push(top_kind.order(S::LEVELS));
@@ -83,7 +84,7 @@ where
             let key = ShadowKey {
                 frame: frame.raw(),
                 kind: top_kind,
-                flavor,
+                flavor: Self::top_flavor(d, flavor, i),
             };
             let (head, created) = d.get_or_create(key)?;
             cached &= !created;
@@ -134,6 +135,18 @@ where
         }
         d.vcpus[v].root = Some(vt);
         Ok(())
+    }
+
+    /// The flavor of top-level shadow `index`: a PAE guest's L2 behind PDPTE 3 gets its own
+    /// ("high") shadow when the hypervisor hole sits in its range.
+    fn top_flavor<H: MachineMemory>(d: &Domain<H>, flavor: Flavor, index: usize) -> Flavor {
+        Flavor {
+            high: G::LEVELS == PagingLevels::Three
+                && index == 3
+                && !d.config.external
+                && S::LEVELS != PagingLevels::Four,
+            ..flavor
+        }
     }
 
     /// Reads the PAE PDPTEs named by `cr3` through guest memory (SDM 4.4.1).

@@ -263,6 +263,11 @@ where
         level: u8,
         flavor: Flavor,
     ) -> Result<Option<ShadowKey>, EngineError> {
+        // Only a top-level shadow can be "high"; what hangs below is shared.
+        let flavor = Flavor {
+            high: false,
+            ..flavor
+        };
         if Self::is_superpage(d, gentry, level, flavor) {
             let base = gfn_of(G::entry_address(gentry, level, true));
             return Ok(Some(ShadowKey {
@@ -295,7 +300,7 @@ where
     ) -> Result<(), EngineError> {
         let ratio = Self::ratio(level);
         let superpage = Self::is_superpage(d, gentry, level, flavor);
-        let hole = Self::in_hole_slot(d, level, gindex);
+        let hole = Self::in_hole_slot(d, level, gindex, flavor);
         for k in 0..ratio {
             let slot = Maddr::new(head.base().raw() + (gindex * ratio + k) * S::ENTRY_BYTES);
             let new = match child {
@@ -316,13 +321,22 @@ where
     }
 
     /// Whether guest L4 entry `gindex` covers the hypervisor hole (internal mode).
-    fn in_hole_slot<H: MachineMemory>(d: &Domain<H>, level: u8, gindex: u64) -> bool {
-        if G::NUM_LEVELS != 4 || level != 4 {
-            return false;
-        }
-        let va =
-            crate::addr::Gva::new(crate::addr::gva_from_indices_4level(gindex, 0, 0, 0, 0).raw());
-        d.config.in_hole(va)
+    /// Whether guest entry `gindex` of a table at `level` covers the hypervisor hole
+    /// (internal mode): an L4 slot on 64-bit shadows; on 32-bit and PAE shadows the top
+    /// 64 MiB, through the 32-bit guest's L2 or a PAE L2 used through PDPTE 3.
+    fn in_hole_slot<H: MachineMemory>(
+        d: &Domain<H>,
+        level: u8,
+        gindex: u64,
+        flavor: Flavor,
+    ) -> bool {
+        let va = match (G::NUM_LEVELS, level) {
+            (4, 4) => crate::addr::gva_from_indices_4level(gindex, 0, 0, 0, 0).raw(),
+            (2, 2) => gindex << 22,
+            (3, 2) if flavor.high => (3 << 30) | (gindex << 21),
+            _ => return false,
+        };
+        d.config.in_hole(crate::addr::Gva::new(va))
     }
 
     /// The guest-physical address of a leaf frame `frame`.
