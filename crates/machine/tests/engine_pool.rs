@@ -128,9 +128,7 @@ fn pool_resizes_down_and_up_mid_run() {
     assert_eq!(after.cr3_cached, before.cr3_cached + PROCESSES as u64);
 }
 
-/// Budget per resize step. (With a budget below 8, a guest that visits one address space
-/// between steps round-robin refills what each step evicts and the shrink never finishes:
-/// see the report that came with this file.)
+/// Budget per resize step (`engine_pool_shrink.rs` checks the smallest budget, 1).
 const STEP_BUDGET: usize = 16;
 
 #[test]
