@@ -35,10 +35,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod emulate_common;
+mod timing;
 
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+use timing::{Case, has_flag, ns_per_op};
 
 use criterion::{BatchSize, Criterion};
 use emulate_common::{
@@ -56,13 +58,6 @@ use shadow2_machine::sim::ShadowMachine;
 
 /// `mov [rdi], rax`.
 const MOV_RDI_RAX: [u8; 3] = [0x48, 0x89, 0x07];
-
-/// One benchmarked operation.
-trait Case {
-    /// Runs the operation `iters` times and returns the time spent in the operations alone
-    /// (any per-iteration setup is excluded).
-    fn measure(&mut self, iters: u64) -> Duration;
-}
 
 // ---------------------------------------------------------------------------------------
 // The unit: a bare decode.
@@ -486,25 +481,6 @@ fn run_criterion(c: &mut Criterion, entries: &mut [Entry]) {
     g.finish();
 }
 
-/// Nanoseconds per operation: the median of `rounds` rounds of about `round` of measured
-/// time each (at most `max_iters` operations), after a calibration.
-fn ns_per_op(case: &mut dyn Case, round: Duration, rounds: usize, max_iters: u64) -> f64 {
-    let mut iters = 1u64;
-    let per_op = loop {
-        let t = case.measure(iters);
-        if t >= round / 4 || iters >= max_iters {
-            break t.as_secs_f64() / iters as f64;
-        }
-        iters *= 2;
-    };
-    let iters = ((round.as_secs_f64() / per_op) as u64).clamp(1, max_iters);
-    let mut samples: Vec<f64> = (0..rounds)
-        .map(|_| case.measure(iters).as_secs_f64() * 1e9 / iters as f64)
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 fn print_table(entries: &mut [Entry], round: Duration, rounds: usize, note: &str) {
     let mut rows: Vec<(String, Option<f64>)> = Vec::new();
     let mut skipped = Vec::new();
@@ -552,11 +528,6 @@ fn print_table(entries: &mut [Entry], round: Duration, rounds: usize, note: &str
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| {
-        args.iter()
-            .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
-    };
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(200))
@@ -565,10 +536,10 @@ fn main() {
     let mut entries = entries();
     run_criterion(&mut c, &mut entries);
     c.final_summary();
-    if has("--list") || has("--profile-time") {
+    if has_flag("--list") || has_flag("--profile-time") {
         return;
     }
-    if has("--bench") {
+    if has_flag("--bench") {
         print_table(&mut entries, Duration::from_millis(40), 5, "");
     } else {
         let note = " (test mode: a smoke run, not a measurement)";

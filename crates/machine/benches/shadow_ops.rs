@@ -25,9 +25,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod timing;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+use timing::{Case, has_flag, ns_per_op};
 
 use common::{Guest, L4_A, L4_B, LEAF, PER_L1, USER_WRITE, VCPU};
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -49,13 +51,6 @@ const LARGE_FRAMES: u64 = 16_384;
 const CYCLE: u64 = PER_L1;
 /// The access of every walk and fault: a user write.
 const USER_WRITE_ACCESS: Access = Access::new(AccessKind::Write, Privilege::User);
-
-/// One benchmarked operation.
-trait Case {
-    /// Runs the operation `iters` times and returns the time spent in the operations alone
-    /// (any per-iteration setup is excluded).
-    fn measure(&mut self, iters: u64) -> Duration;
-}
 
 /// Guest memory read through the p2m tables on every access, as the engine reads it.
 struct P2mView<'a> {
@@ -509,31 +504,12 @@ fn run_criterion(c: &mut Criterion, entries: &mut [Entry]) {
     clean.finish();
 }
 
-/// Nanoseconds per operation: the median of `rounds` rounds of about `round` of measured
-/// time each, after a calibration.
-fn ns_per_op(case: &mut dyn Case, round: Duration, rounds: usize) -> f64 {
-    let mut iters = 1u64;
-    let per_op = loop {
-        let t = case.measure(iters);
-        if t >= round / 4 || iters >= 1 << 30 {
-            break t.as_secs_f64() / iters as f64;
-        }
-        iters *= 2;
-    };
-    let iters = ((round.as_secs_f64() / per_op) as u64).max(1);
-    let mut samples: Vec<f64> = (0..rounds)
-        .map(|_| case.measure(iters).as_secs_f64() * 1e9 / iters as f64)
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 fn print_table(entries: &mut [Entry], round: Duration, rounds: usize, note: &str) {
     let mut rows = Vec::new();
     for e in entries.iter_mut() {
         // A clean's untimed setup costs 20-25 times the clean: shorter rounds.
         let round = if e.units > 1 { round / 4 } else { round };
-        let ns = ns_per_op(e.case.as_mut(), round, rounds) / e.units as f64;
+        let ns = ns_per_op(e.case.as_mut(), round, rounds, 1 << 30) / e.units as f64;
         rows.push((e.name.clone(), e.units, ns, e.target));
     }
     let unit = rows[0].2;
@@ -573,11 +549,6 @@ fn print_table(entries: &mut [Entry], round: Duration, rounds: usize, note: &str
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| {
-        args.iter()
-            .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
-    };
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
@@ -586,12 +557,12 @@ fn main() {
     run_criterion(&mut c, &mut entries);
     c.final_summary();
     // Listing, or profiling one case (`--profile-time`): no table.
-    if has("--list") || has("--profile-time") {
+    if has_flag("--list") || has_flag("--profile-time") {
         return;
     }
     // `cargo bench` passes --bench; without it (`cargo test --benches`) criterion runs each
     // case once, and the table only needs to show that it works.
-    if has("--bench") {
+    if has_flag("--bench") {
         print_table(&mut entries, Duration::from_millis(40), 5, "");
     } else {
         let note = " (test mode: a smoke run, not a measurement)";
