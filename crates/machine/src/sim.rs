@@ -256,15 +256,9 @@ impl ShadowMachine {
             .map_err(GuestError::Engine)?;
         match self.domain.update_cr3(v) {
             Ok(flush) => {
+                // `update_cr3` always asks for the hardware root to be reloaded, and the
+                // reload flushes the whole TLB: the CR3 load's own flush is part of it.
                 self.settle(flush);
-                if let Some(cpu) = self.cpus.get_mut(v) {
-                    // The CR3 load itself flushes non-global translations.
-                    if old.pge() {
-                        cpu.flush_tlb_non_global();
-                    } else {
-                        cpu.flush_tlb_all();
-                    }
-                }
                 Ok(())
             }
             Err(EngineError::Guest(GuestFault::GeneralProtection)) => {

@@ -284,7 +284,6 @@ impl<H: MachineMemory> Domain<H> {
         if self.failed.is_some() {
             return Err(EngineError::DomainFailed);
         }
-        self.pending_flush = VcpuSet::NONE;
         let result = op(self);
         self.release_reserve();
         let result = result.and_then(|value| {
@@ -306,8 +305,8 @@ impl<H: MachineMemory> Domain<H> {
                 if e.is_fatal() {
                     self.failed = Some(e);
                 }
-                // Whatever was changed before the error may be cached: flush everyone.
-                self.pending_flush = VcpuSet::NONE;
+                // A flush owed by what changed before the error stays pending: the next
+                // operation that succeeds hands it to the host.
                 Err(e)
             }
         }
