@@ -34,7 +34,8 @@
 //! `--features shadow2-engine/rmap` for the reverse-map rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod emulate_common;
+#[path = "../tests/engine_support.rs"]
+mod engine_support;
 mod timing;
 
 use std::cell::RefCell;
@@ -43,8 +44,8 @@ use std::time::{Duration, Instant};
 use timing::{Case, has_flag, ns_per_op};
 
 use criterion::{BatchSize, Criterion};
-use emulate_common::{
-    DATA, SUP, TABLE, Tables, check, l1_shadows, machine, mfn_of, read_u64, set_mode4, write_u64,
+use engine_support::{
+    DATA, SUP, TABLE, Tables, check, machine, mfn_of, read_u64, set_mode, write_u64,
 };
 use iced_x86::{Code, Decoder, DecoderOptions};
 use shadow2::addr::{Gfn, Gpa, Gva};
@@ -109,15 +110,15 @@ impl EmulateCase {
     /// CODE_VA.
     fn new() -> EmulateCase {
         let mut m = machine(DomainConfig::hvm(PagingLevels::Four, 1, 128), 128);
-        let mut t = Tables::with_frames(1..40);
-        let cr3 = t.new_root();
+        let mut t = Tables::with_frames(PagingLevels::Four, &(1..40).collect::<Vec<_>>());
+        let cr3 = t.new_root(0);
         let l1 = t.table_of(&mut m, cr3, X, 1);
         t.map(&mut m, cr3, PT_VA, l1, DATA & !bits::US);
         t.map(&mut m, cr3, X - 0x1000, 90, DATA);
         t.map(&mut m, cr3, CODE_VA, CODE_GFN, DATA & !bits::US);
         m.write_phys(Gpa::new(CODE_GFN << 12), &MOV_RDI_RAX)
             .unwrap();
-        set_mode4(&mut m, 0, cr3);
+        set_mode(&mut m, 0, PagingLevels::Four, cr3);
         let mut buf = [0u8; 4];
         m.fetch(0, Gva::new(CODE_VA), SUP, &mut buf).unwrap();
         read_u64(&mut m, 0, PT_VA).unwrap();
@@ -237,15 +238,18 @@ impl RemoveCase {
         if method == Method::Hint {
             config = config.with_linear_map(hint);
         }
-        let mut m = ShadowMachine::new(emulate_common::MACHINE_FRAMES, config)
+        let mut m = ShadowMachine::new(engine_support::MACHINE_FRAMES, config)
             .map_err(|e| format!("{e:?}"))?;
         m.add_ram(Gfn::new(0), RAM).expect("RAM");
-        let mut t = Tables::with_frames((1..90).chain(100..RAM));
-        let cr3 = t.new_root();
+        let mut t = Tables::with_frames(
+            PagingLevels::Four,
+            &(1..90).chain(100..RAM).collect::<Vec<_>>(),
+        );
+        let cr3 = t.new_root(0);
         // F mapped writable at A; the guest writes F's first entry through A (A holds the
         // last-writable pointer).
         let a_slot = t.map(&mut m, cr3, A, F, DATA);
-        set_mode4(&mut m, 0, cr3);
+        set_mode(&mut m, 0, PagingLevels::Four, cr3);
         write_u64(&mut m, 0, A, (TARGET << 12) | DATA).unwrap();
         // The L1 shadows that only give the scan work.
         for i in 0..EXTRA_L1S {
@@ -545,4 +549,13 @@ fn main() {
         let note = " (test mode: a smoke run, not a measurement)";
         print_table(&mut entries, Duration::from_millis(1), 1, note);
     }
+}
+
+/// The number of L1 (leaf-table) shadows in the domain's pool.
+fn l1_shadows(m: &ShadowMachine) -> usize {
+    m.domain()
+        .shadows()
+        .shadows()
+        .filter(|(_, i)| i.key.kind.is_leaf_table())
+        .count()
 }
