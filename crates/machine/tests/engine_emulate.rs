@@ -10,7 +10,6 @@ use engine_support::*;
 use shadow2::addr::Gva;
 use shadow2::domain::EmulateOutcome;
 use shadow2::emulate::{CodeMode, Regs};
-use shadow2::multi::Pair;
 use shadow2::paging::{PagingLevels, bits};
 use shadow2_machine::sim::GuestError;
 
@@ -18,14 +17,6 @@ const X: u64 = 0x40_5000;
 const PT_VA: u64 = 0x80_0000;
 const CODE_VA: u64 = 0x60_0000;
 const CODE_GFN: u64 = 95;
-const PAIRS: [Pair; 6] = [
-    Pair::P2on2,
-    Pair::P2on3,
-    Pair::P3on3,
-    Pair::P2on4,
-    Pair::P3on4,
-    Pair::P4on4,
-];
 
 fn index(levels: PagingLevels, va: u64) -> u64 {
     if levels == PagingLevels::Two {
@@ -67,7 +58,7 @@ fn pte_store(levels: PagingLevels, at: u64, pte: u64) -> (Vec<u8>, Regs) {
 
 #[test]
 fn instruction_level_demand_fault_costs_exactly_two_traps() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let levels = pair.guest();
         let mut m = machine(hvm(pair.shadow(), 1, 128), 128);
         let mut t = Tables::new(levels, 1, 40);

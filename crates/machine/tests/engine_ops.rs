@@ -13,14 +13,6 @@ use shadow2::paging::{PagingLevels, bits, bits::cr};
 use shadow2_machine::sim::{GuestError, ShadowMachine};
 
 const X: u64 = 0x40_5000;
-const PAGING_PAIRS: [Pair; 6] = [
-    Pair::P2on2,
-    Pair::P2on3,
-    Pair::P2on4,
-    Pair::P3on3,
-    Pair::P3on4,
-    Pair::P4on4,
-];
 
 fn index(levels: PagingLevels, va: u64) -> u64 {
     if levels == PagingLevels::Two {

@@ -41,15 +41,6 @@ const TARGET: u64 = 98;
 const EXTRA_BASE: u64 = 0x1000_0000;
 const EXTRA_SPAN: u64 = 0x40_0000;
 
-const PAIRS: [Pair; 6] = [
-    Pair::P2on2,
-    Pair::P2on3,
-    Pair::P3on3,
-    Pair::P2on4,
-    Pair::P3on4,
-    Pair::P4on4,
-];
-
 /// How much each counter moved since `s0`.
 fn moved(m: &ShadowMachine, s0: &Stats) -> BTreeMap<&'static str, u64> {
     let before: BTreeMap<_, _> = s0.fields().into_iter().collect();
@@ -123,7 +114,7 @@ fn assert_promoted(m: &mut ShadowMachine, t: &Tables, via: u64) {
 
 #[test]
 fn a_the_last_writable_pointer_finds_the_only_writable_mapping() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let (mut m, mut t, cr3) = setup(pair, no_rmap(hvm(pair.shadow(), 1, 128)));
         let s0 = *m.domain().stats();
         promote(&mut m, &mut t, cr3);
@@ -153,7 +144,7 @@ fn direct_map(levels: PagingLevels) -> (LinearMapHint, u64) {
 
 #[test]
 fn b_a_hinted_direct_map_finds_a_mapping_the_pointer_does_not_know() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let levels = pair.guest();
         let (hint, d_va) = direct_map(levels);
         let config = no_rmap(hvm(pair.shadow(), 1, 128)).with_linear_map(hint);
@@ -227,7 +218,7 @@ fn self_map(
 
 #[test]
 fn b_a_hinted_self_map_finds_the_page_table_window() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let levels = pair.guest();
         let mut m = machine(no_rmap(hvm(pair.shadow(), 1, 128)), 128);
         let mut t = Tables::new(levels, 1, 80);
@@ -280,7 +271,7 @@ fn b_a_hinted_self_map_finds_the_page_table_window() {
 
 #[test]
 fn c_two_unrelated_mappings_need_the_scan() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let (mut m, mut t, cr3) = setup(pair, no_rmap(hvm(pair.shadow(), 1, 128)));
         t.map(&mut m, cr3, B, F, DATA);
         write_u64(&mut m, 0, B + 0x800, 0x5e).unwrap();
@@ -301,7 +292,7 @@ fn c_two_unrelated_mappings_need_the_scan() {
 
 #[test]
 fn hints_that_guess_wrong_change_nothing_and_the_scan_still_finds_the_mapping() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let levels = pair.guest();
         let (hint, _) = direct_map(levels);
         let config = no_rmap(hvm(pair.shadow(), 1, 128)).with_linear_map(hint);
@@ -365,7 +356,7 @@ fn region_at_end(m: &ShadowMachine, regions: &BTreeMap<Mfn, u64>, last: bool) ->
 
 #[test]
 fn a_bounded_scan_over_many_l1_shadows_continues_across_faults_until_done() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let config = DomainConfig {
             scan_budget: 4096,
             ..no_rmap(hvm(pair.shadow(), 1, 256))
@@ -428,7 +419,7 @@ fn fault_until_settled(
 
 #[test]
 fn while_a_scan_is_pending_the_frame_is_not_a_page_table_and_every_step_is_bounded() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
             ..no_rmap(hvm(pair.shadow(), 1, 256))
@@ -467,7 +458,7 @@ fn while_a_scan_is_pending_the_frame_is_not_a_page_table_and_every_step_is_bound
 
 #[test]
 fn a_mapping_recreated_behind_the_cursor_is_found_by_a_pass_finished_in_the_call() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
             ..no_rmap(hvm(pair.shadow(), 1, 256))
@@ -511,7 +502,7 @@ fn a_mapping_recreated_behind_the_cursor_is_found_by_a_pass_finished_in_the_call
 
 #[test]
 fn a_cr3_load_cannot_wait_and_finishes_its_scan_in_the_call() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let levels = pair.guest();
         let config = DomainConfig {
             scan_budget: 256,
@@ -553,7 +544,7 @@ fn a_cr3_load_cannot_wait_and_finishes_its_scan_in_the_call() {
 
 #[test]
 fn a_p2m_change_removes_every_mapping_and_forgets_a_pending_scan() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
             ..no_rmap(hvm(pair.shadow(), 1, 256))
@@ -603,7 +594,7 @@ fn a_p2m_change_removes_every_mapping_and_forgets_a_pending_scan() {
 
 #[test]
 fn unshadowing_a_multi_page_shadow_needs_only_its_up_pointer() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let (mut m, mut t, cr3) = setup(pair, no_rmap(hvm(pair.shadow(), 1, 128)));
         promote(&mut m, &mut t, cr3);
         let s0 = *m.domain().stats();

@@ -32,15 +32,6 @@ const STORE: u64 = 0x00;
 const REP_STOS: u64 = 0x10;
 const CMPXCHG8B: u64 = 0x20;
 
-const PAIRS: [Pair; 6] = [
-    Pair::P2on2,
-    Pair::P2on3,
-    Pair::P3on3,
-    Pair::P2on4,
-    Pair::P3on4,
-    Pair::P4on4,
-];
-
 struct Guest {
     m: ShadowMachine,
     t: Tables,
@@ -147,7 +138,7 @@ impl Guest {
 
 #[test]
 fn fork_exit_heuristic_unshadows_after_n_consecutive_zeroing_writes() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let mut g = guest(pair, hvm(pair.shadow(), 1, 128));
         let n = u64::from(g.m.domain().config().early_unshadow_writes);
         assert_eq!(n, 4);
@@ -199,7 +190,7 @@ fn fork_exit_heuristic_unshadows_after_n_consecutive_zeroing_writes() {
 
 #[test]
 fn another_fault_in_between_ends_the_run() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let mut g = guest(pair, hvm(pair.shadow(), 1, 128));
         let s0 = g.stats();
         for i in 0..3 {
@@ -224,7 +215,7 @@ fn another_fault_in_between_ends_the_run() {
 
 #[test]
 fn a_write_that_maps_something_ends_the_run() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let mut g = guest(pair, hvm(pair.shadow(), 1, 128));
         for i in 0..3 {
             g.store(i, 0);
@@ -246,7 +237,7 @@ fn a_write_that_maps_something_ends_the_run() {
 
 #[test]
 fn the_heuristic_is_a_domain_option() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let config = DomainConfig {
             early_unshadow_writes: 0,
             ..hvm(pair.shadow(), 1, 128)
@@ -306,7 +297,7 @@ fn zero_whole_table(g: &mut Guest) {
 
 #[test]
 fn teardown_hint_a_page_table_zeroed_whole_is_unshadowed() {
-    for pair in PAIRS {
+    for pair in PAGING_PAIRS {
         let config = DomainConfig {
             teardown: TeardownHints {
                 zeroed_page: true,

@@ -8,9 +8,21 @@ use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
 use shadow2::audit::audit;
 use shadow2::domain::DomainConfig;
 use shadow2::host::MachineMemory;
+use shadow2::multi::Pair;
 use shadow2::paging::{ControlState, PagingLevels, PhysMem, Privilege, bits, bits::cr};
 use shadow2::types::ShadowKind;
 use shadow2_machine::sim::{GuestError, ShadowMachine};
+
+/// Every pair in which the guest pages (32-bit, PAE and 64-bit guests on every shadow mode
+/// that can run them).
+pub const PAGING_PAIRS: [Pair; 6] = [
+    Pair::P2on2,
+    Pair::P2on3,
+    Pair::P3on3,
+    Pair::P2on4,
+    Pair::P3on4,
+    Pair::P4on4,
+];
 
 /// Machine frames of every test machine.
 pub const MACHINE_FRAMES: u64 = 1 << 15;
