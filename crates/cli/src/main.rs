@@ -1,7 +1,14 @@
 //! The `shadow2` command line: one file per subcommand, dispatched from here.
 
+mod bench;
 mod check_shadow;
 mod check_walker;
+mod progress;
+mod replay;
+mod report;
+mod result;
+mod run;
+mod simrun;
 
 use std::process::ExitCode;
 
@@ -22,6 +29,14 @@ enum Command {
         #[command(subcommand)]
         target: CheckTarget,
     },
+    /// Run a workload: a guest OS model on a paging pair and backend.
+    Run(run::Args),
+    /// Run every workload on every pair each guest model supports, and measure.
+    Bench(bench::Args),
+    /// Run a recorded trace again and check every counter comes out the same.
+    Replay(replay::Args),
+    /// Draw what `shadow2 bench` measured: SVG plots and a Markdown summary.
+    Report(report::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +57,10 @@ fn main() -> ExitCode {
         Command::Check {
             target: CheckTarget::Shadow(args),
         } => check_shadow::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::Replay(args) => replay::run(&args),
+        Command::Report(args) => report::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,7 @@
 //! through any root (the guest's own tables, or the engine's shadow tables) with a TLB.
 //! Also the access matrix: the walker checked against a separate rules function.
 
+pub mod backend;
 pub mod churn;
 pub mod cpu;
 pub mod matrix;

@@ -2,6 +2,8 @@
 //! TLB) walks the engine's shadow tables; every fault goes to the engine; every access is
 //! checked against the guest oracle (same frame, never more permission, A/D as required).
 
+use std::time::{Duration, Instant};
+
 use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
 use shadow2::domain::{Domain, DomainConfig, EmulateOutcome, EngineError, GuestFault};
 use shadow2::emulate::{EmuError, EmuFault, EmuMemory, Regs, emulate_write, page_pieces};
@@ -97,6 +99,16 @@ pub struct ShadowMachine {
     accesses: u64,
     mismatches: Vec<Mismatch>,
     mismatch_count: u64,
+    /// Time spent inside the engine on the access and trap paths.
+    engine_time: Duration,
+}
+
+/// Runs `f` (a call into the engine), adding its wall-clock time to `total`.
+fn timed<R>(total: &mut Duration, f: impl FnOnce() -> R) -> R {
+    let start = Instant::now();
+    let r = f();
+    *total += start.elapsed();
+    r
 }
 
 /// At most this many mismatches are kept in full.
@@ -116,6 +128,7 @@ impl ShadowMachine {
             accesses: 0,
             mismatches: Vec::new(),
             mismatch_count: 0,
+            engine_time: Duration::ZERO,
         })
     }
 
@@ -138,6 +151,12 @@ impl ShadowMachine {
     /// Oracle mismatches so far (the first few in full).
     pub fn mismatches(&self) -> (u64, &[Mismatch]) {
         (self.mismatch_count, &self.mismatches)
+    }
+    /// Wall-clock time spent inside the engine so far on the access and trap paths (page
+    /// faults, emulation, writes through the engine, CR3 / mode / control updates, INVLPG);
+    /// the simulated hardware, the oracle and RAM setup are not counted.
+    pub fn engine_time(&self) -> Duration {
+        self.engine_time
     }
     /// A vcpu's hardware.
     pub fn cpu(&self, v: usize) -> Option<&Cpu> {
@@ -216,23 +235,19 @@ impl ShadowMachine {
     pub fn set_paging(&mut self, v: usize, ctl: ControlState) -> Result<(), GuestError> {
         self.traps.mode_changes += 1;
         let old = self.guest_control(v);
-        self.domain
-            .set_control(v, ctl)
+        timed(&mut self.engine_time, || self.domain.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        match self.domain.update_paging_modes(v) {
+        match timed(&mut self.engine_time, || self.domain.update_paging_modes(v)) {
             Ok(flush) => {
                 self.settle(flush);
                 Ok(())
             }
             Err(e) => {
                 // A refused mode leaves the vcpu as it was.
-                self.domain
-                    .set_control(v, old)
+                timed(&mut self.engine_time, || self.domain.set_control(v, old))
                     .map_err(GuestError::Engine)?;
                 if self.domain.vcpu(v).and_then(|c| c.pair()).is_some() {
-                    let flush = self
-                        .domain
-                        .update_paging_modes(v)
+                    let flush = timed(&mut self.engine_time, || self.domain.update_paging_modes(v))
                         .map_err(GuestError::Engine)?;
                     self.settle(flush);
                 }
@@ -251,10 +266,9 @@ impl ShadowMachine {
         self.traps.cr3_writes += 1;
         let old = self.guest_control(v);
         let ctl = ControlState { cr3, ..old };
-        self.domain
-            .set_control(v, ctl)
+        timed(&mut self.engine_time, || self.domain.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        match self.domain.update_cr3(v) {
+        match timed(&mut self.engine_time, || self.domain.update_cr3(v)) {
             Ok(flush) => {
                 // `update_cr3` always asks for the hardware root to be reloaded, and the
                 // reload flushes the whole TLB: the CR3 load's own flush is part of it.
@@ -262,8 +276,7 @@ impl ShadowMachine {
                 Ok(())
             }
             Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
-                self.domain
-                    .set_control(v, old)
+                timed(&mut self.engine_time, || self.domain.set_control(v, old))
                     .map_err(GuestError::Engine)?;
                 Err(GuestError::GeneralProtection)
             }
@@ -274,7 +287,8 @@ impl ShadowMachine {
     /// INVLPG.
     pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<(), GuestError> {
         self.traps.invlpg += 1;
-        let needed = self.domain.invlpg(v, va).map_err(GuestError::Engine)?;
+        let needed = timed(&mut self.engine_time, || self.domain.invlpg(v, va))
+            .map_err(GuestError::Engine)?;
         if needed && let Some(cpu) = self.cpus.get_mut(v) {
             cpu.invlpg(va);
         }
@@ -413,10 +427,10 @@ impl ShadowMachine {
                     } else {
                         code
                     };
-                    let (outcome, flush) = self
-                        .domain
-                        .page_fault(v, va, code)
-                        .map_err(GuestError::Engine)?;
+                    let (outcome, flush) = timed(&mut self.engine_time, || {
+                        self.domain.page_fault(v, va, code)
+                    })
+                    .map_err(GuestError::Engine)?;
                     self.settle(flush);
                     match outcome {
                         FaultOutcome::Fixed => self.traps.shadow_fills += 1,
@@ -493,10 +507,10 @@ impl ShadowMachine {
                 format!("emulation at {gpa} but the guest says {expected:?}"),
             ),
         }
-        let flush = self
-            .domain
-            .write_guest_phys(gpa, data)
-            .map_err(GuestError::Engine)?;
+        let flush = timed(&mut self.engine_time, || {
+            self.domain.write_guest_phys(gpa, data)
+        })
+        .map_err(GuestError::Engine)?;
         self.settle(flush);
         self.check_ad(v, va, access, ctl);
         Ok(Reached::Emulated)
@@ -514,10 +528,10 @@ impl ShadowMachine {
     /// A write on the guest's behalf to guest-physical memory (a hypercall, DMA): through
     /// the engine, which validates shadows and marks the page dirty.
     pub fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestError> {
-        let flush = self
-            .domain
-            .write_guest_phys(gpa, data)
-            .map_err(GuestError::Engine)?;
+        let flush = timed(&mut self.engine_time, || {
+            self.domain.write_guest_phys(gpa, data)
+        })
+        .map_err(GuestError::Engine)?;
         self.settle(flush);
         Ok(())
     }
@@ -668,10 +682,9 @@ impl ShadowMachine {
                     }
                 }
                 (Some(Stop::Emulate(gpa)), _) => {
-                    let (outcome, flush) = self
-                        .domain
-                        .emulate(v, regs, gpa)
-                        .map_err(GuestError::Engine)?;
+                    let (outcome, flush) =
+                        timed(&mut self.engine_time, || self.domain.emulate(v, regs, gpa))
+                            .map_err(GuestError::Engine)?;
                     self.settle(flush);
                     // The engine changed guest page tables: a correct guest's own TLB
                     // discipline follows such writes; the shadows were updated in place.

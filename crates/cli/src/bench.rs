@@ -1,0 +1,168 @@
+//! `shadow2 bench`: every workload on every pair each guest model runs, with the oracle on,
+//! measuring traps per guest operation and engine time per trap; writes `bench.json` for
+//! `shadow2 report`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::thread;
+use std::time::Instant;
+
+use shadow2_guest::{GuestModel, RunSpec, Workload};
+
+use crate::progress;
+use crate::result::{BenchResults, RunResult, bench_table};
+use crate::simrun::{self, MachineOptions};
+
+/// Options of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Multiplies every workload's default size.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Only this guest model.
+    #[arg(long)]
+    guest: Option<String>,
+    /// Only this workload.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Seed of the guest models' choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the results (read by `shadow2 report`).
+    #[arg(long, default_value = "target/shadow2/bench.json")]
+    out: PathBuf,
+    /// Print one JSON object (the results without pool series) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
+    if !(args.scale.is_finite() && args.scale > 0.0 && args.scale <= 1000.0) {
+        return Err(format!("--scale {} is out of range (0, 1000]", args.scale));
+    }
+    let guests: Vec<GuestModel> = match &args.guest {
+        Some(g) => vec![GuestModel::from_name(g).ok_or_else(|| format!("unknown guest {g:?}"))?],
+        None => GuestModel::ALL.to_vec(),
+    };
+    let workloads: Vec<Workload> = match &args.workload {
+        Some(w) => vec![Workload::from_name(w).ok_or_else(|| format!("unknown workload {w:?}"))?],
+        None => Workload::ALL.to_vec(),
+    };
+    let mut out = Vec::new();
+    for &guest in &guests {
+        for &pair in guest.pairs() {
+            for &workload in &workloads {
+                let size = ((workload.default_size() as f64 * args.scale).round() as u64)
+                    .clamp(1, workload.max_size());
+                let spec = RunSpec {
+                    guest,
+                    workload,
+                    size,
+                    pair,
+                    seed: args.seed,
+                };
+                spec.validate().map_err(|e| e.to_string())?;
+                out.push(spec);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A finished run, and what it found wrong if anything.
+type Outcome = Result<(RunResult, Option<String>), String>;
+
+fn one(spec: &RunSpec) -> Outcome {
+    let opts = MachineOptions {
+        pool_pages: None,
+        sample_every: (spec.size * 20).max(200),
+    };
+    let mut backend = simrun::sim_backend(spec, opts)?;
+    let started = Instant::now();
+    let counters = shadow2_guest::run(spec, &mut backend, &mut |_, _| {})
+        .map_err(|e| format!("{} {} on {}: {e}", spec.guest, spec.workload, spec.pair))?;
+    let report = backend.report();
+    let result = simrun::result_of(spec, "sim", &counters, &report, started);
+    let problem = simrun::problems(&result, &report);
+    Ok((result, problem))
+}
+
+/// Runs the bench; exit code 1 if any run found a problem.
+pub fn run(args: &Args) -> Result<ExitCode, String> {
+    let specs = specs(args)?;
+    let bar = progress::bar(specs.len() as u64, "bench");
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; specs.len()]);
+    let workers = thread::available_parallelism().map_or(2, |n| n.get());
+    thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let Ok(mut n) = next.lock() else { return };
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some(spec) = specs.get(i) else { return };
+                    let r = one(spec);
+                    if let Ok(mut all) = results.lock()
+                        && let Some(slot) = all.get_mut(i)
+                    {
+                        *slot = Some(r);
+                    }
+                    bar.inc(1);
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let results = results
+        .into_inner()
+        .map_err(|_| "a bench worker panicked".to_string())?;
+    let mut runs = Vec::new();
+    let mut problems = Vec::new();
+    for r in results {
+        let (run, problem) = r.ok_or("a bench run did not finish")??;
+        runs.push(run);
+        problems.extend(problem);
+    }
+    let bench = BenchResults::new(runs);
+    if let Some(dir) = args.out.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_string(&bench).map_err(|e| e.to_string())?;
+    std::fs::write(&args.out, json)
+        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
+    if args.json {
+        let mut printed = bench.clone();
+        for r in &mut printed.runs {
+            r.pool_series.clear();
+        }
+        println!(
+            "{}",
+            serde_json::to_string(&printed).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", bench_table(&bench.runs));
+        let mismatches: u64 = bench.runs.iter().map(|r| r.oracle_mismatches).sum();
+        println!(
+            "bench: {} runs, {} oracle mismatches; results in {}",
+            bench.runs.len(),
+            mismatches,
+            args.out.display()
+        );
+    }
+    for p in &problems {
+        eprintln!("shadow2: {p}");
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

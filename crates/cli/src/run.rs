@@ -1,0 +1,106 @@
+//! `shadow2 run`: one workload of one guest model on one pair and backend, with a progress
+//! bar on a terminal and a summary (or one JSON object).
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use shadow2_guest::trace::{Recorder, TraceHeader};
+
+use crate::progress;
+use crate::simrun::{self, MachineOptions};
+
+/// Options of `run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Guest OS model: linux64, windows-pae, legacy32, boot, smp-boot (default: the one
+    /// the pair suggests, else linux64).
+    #[arg(long)]
+    guest: Option<String>,
+    /// Workload: forkwait, demand, mmap-churn, ctxswitch, kbuild.
+    #[arg(long, default_value = "forkwait")]
+    workload: String,
+    /// Paging pair GonS (default: the guest's first).
+    #[arg(long)]
+    pair: Option<String>,
+    /// Backend: sim (kvm and native need the KVM backend).
+    #[arg(long, default_value = "sim")]
+    backend: String,
+    /// Workload size (rounds, MiB, switches or jobs; default per workload).
+    #[arg(long)]
+    size: Option<u64>,
+    /// Seed of the guest model's choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Shadow pool size in pages.
+    #[arg(long)]
+    pool_pages: Option<usize>,
+    /// Write the guest-operation stream to this trace file (see docs/TRACE.md).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Print one JSON object instead of the summary table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs it; exit code 1 if the oracle, the auditor or the guest found anything wrong.
+pub fn run(args: &Args) -> Result<ExitCode, String> {
+    simrun::check_backend(&args.backend)?;
+    let spec = simrun::resolve_spec(
+        args.guest.as_deref(),
+        &args.workload,
+        args.pair.as_deref(),
+        args.size,
+        args.seed,
+    )?;
+    if args.pool_pages == Some(0) {
+        return Err("--pool-pages must be positive".into());
+    }
+    let opts = MachineOptions {
+        pool_pages: args.pool_pages,
+        sample_every: 0,
+    };
+    let mut backend = simrun::sim_backend(&spec, opts)?;
+    let bar = progress::bar(spec.size, &format!("{} {}", spec.guest, spec.workload));
+    let mut tick = |done: u64, _total: u64| bar.set_position(done);
+    let started = Instant::now();
+    let counters = match &args.record {
+        None => shadow2_guest::run(&spec, &mut backend, &mut tick),
+        Some(path) => {
+            let file =
+                File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let header = TraceHeader::for_run(&spec, &args.backend);
+            let mut recorder = Recorder::new(&mut backend, BufWriter::new(file), header)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            let counters = shadow2_guest::run(&spec, &mut recorder, &mut tick);
+            recorder
+                .finish()
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            counters
+        }
+    };
+    bar.finish_and_clear();
+    let counters =
+        counters.map_err(|e| format!("{} {} on {}: {e}", spec.guest, spec.workload, spec.pair))?;
+    let report = backend.report();
+    let result = simrun::result_of(&spec, &args.backend, &counters, &report, started);
+    if args.json {
+        let mut printed = result.clone();
+        printed.pool_series.clear();
+        println!(
+            "{}",
+            serde_json::to_string(&printed).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", result.summary_table());
+    }
+    match simrun::problems(&result, &report) {
+        Some(p) => {
+            eprintln!("shadow2: {p}");
+            Ok(ExitCode::FAILURE)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
+}

@@ -1,0 +1,180 @@
+//! Running one workload on a backend and turning what it did into a [`RunResult`]: shared
+//! by `run`, `bench` and `replay`.
+
+use std::time::Instant;
+
+use shadow2::paging::PagingLevels;
+use shadow2::remove::TeardownHints;
+use shadow2_guest::{Counters, GuestModel, PairName, RunSpec, Workload};
+use shadow2_machine::backend::{SimBackend, SimConfig, SimReport};
+
+use crate::result::RunResult;
+
+/// The backends `--backend` names, and whether this build has them.
+pub const BACKENDS: [&str; 3] = ["sim", "kvm", "native"];
+
+/// Checks a `--backend` value: only `sim` exists today.
+pub fn check_backend(name: &str) -> Result<(), String> {
+    match name {
+        "sim" => Ok(()),
+        "kvm" | "native" => Err(format!(
+            "backend {name} is not available: this build has no KVM backend yet (use --backend sim)"
+        )),
+        other => Err(format!(
+            "unknown backend {other:?} (one of {})",
+            BACKENDS.join(", ")
+        )),
+    }
+}
+
+/// Options of the simulated machine a run may change.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MachineOptions {
+    /// Shadow pool pages (default: the simulator's).
+    pub pool_pages: Option<usize>,
+    /// Guest operations between pool-occupancy samples (0: the simulator's default).
+    pub sample_every: u64,
+}
+
+/// The run `--guest`, `--workload`, `--pair` and `--size` ask for; a pair without a guest
+/// picks the guest whose levels match, a guest without a pair its first pair.
+pub fn resolve_spec(
+    guest: Option<&str>,
+    workload: &str,
+    pair: Option<&str>,
+    size: Option<u64>,
+    seed: u64,
+) -> Result<RunSpec, String> {
+    let workload = Workload::from_name(workload).ok_or_else(|| {
+        let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+        format!(
+            "unknown workload {workload:?} (one of {})",
+            names.join(", ")
+        )
+    })?;
+    let pair = match pair {
+        Some(p) => Some(PairName::parse(p).ok_or_else(|| {
+            format!(
+                "unknown pair {p:?} (GonS with G in 0, 2, 3, 4 and S in 2..=4, G <= S, e.g. 4on4)"
+            )
+        })?),
+        None => None,
+    };
+    let guest = match (guest, pair) {
+        (Some(g), _) => GuestModel::from_name(g).ok_or_else(|| {
+            let names: Vec<&str> = GuestModel::ALL.iter().map(|m| m.name()).collect();
+            format!("unknown guest {g:?} (one of {})", names.join(", "))
+        })?,
+        (None, Some(p)) => {
+            GuestModel::for_pair(p).ok_or_else(|| format!("no guest model runs on pair {p}"))?
+        }
+        (None, None) => GuestModel::Linux64,
+    };
+    let pair = pair.unwrap_or(guest.pairs()[0]);
+    let spec = RunSpec {
+        guest,
+        workload,
+        size: size.unwrap_or(workload.default_size()),
+        pair,
+        seed,
+    };
+    spec.validate().map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
+/// The simulated machine for `spec`: the model's vcpus, RAM and linear-map hints, the
+/// pair's shadow levels.
+pub fn sim_backend(spec: &RunSpec, opts: MachineOptions) -> Result<SimBackend, String> {
+    let levels = PagingLevels::from_count(spec.pair.shadow)
+        .ok_or_else(|| format!("no shadow paging with {} levels", spec.pair.shadow))?;
+    let mut cfg = SimConfig::new(levels, spec.guest.vcpus(), spec.ram_frames());
+    cfg.linear_maps = shadow2_guest::linear_map_hints(spec);
+    cfg.teardown = TeardownHints::ALL;
+    if let Some(p) = opts.pool_pages {
+        cfg.pool_pages = p;
+    }
+    if opts.sample_every > 0 {
+        cfg.sample_every = opts.sample_every;
+    }
+    SimBackend::new(cfg)
+}
+
+/// What a run did, from the guest's counters and the simulator's report.
+pub fn result_of(
+    spec: &RunSpec,
+    backend: &str,
+    counters: &Counters,
+    report: &SimReport,
+    started: Instant,
+) -> RunResult {
+    let t = &report.traps;
+    let traps = [
+        ("shadow_fills", t.shadow_fills),
+        ("spurious", t.spurious),
+        ("propagated", t.propagated),
+        ("fast_path", t.fast_path),
+        ("emulated_writes", t.emulated_writes),
+        ("mmio", t.mmio),
+        ("cr3_writes", t.cr3_writes),
+        ("invlpg", t.invlpg),
+        ("mode_changes", t.mode_changes),
+        // Fast-path hits are propagated faults too: counted once in the total.
+        (crate::result::TOTAL, t.total()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut r = RunResult {
+        workload: spec.workload.name().into(),
+        guest: spec.guest.name().into(),
+        pair: spec.pair.to_string(),
+        backend: backend.into(),
+        size: spec.size,
+        seed: spec.seed,
+        guest_ops: counters.guest_ops,
+        traps,
+        demand_faults: counters.demand_faults,
+        cow_faults: counters.cow_faults,
+        kills: counters.kills,
+        data_errors: counters.data_errors,
+        unshadows: report.unshadows,
+        evictions: report.evictions,
+        pool_pages: report.pool_pages as u64,
+        pool_peak_pages: report.pool_peak_pages as u64,
+        oracle_mismatches: report.oracle_mismatches,
+        audit_violations: report.audit_violations,
+        engine_s: report.engine_seconds,
+        wall_s: started.elapsed().as_secs_f64(),
+        digest: format!("{:016x}", counters.digest),
+        pool_series: report.pool_series.clone(),
+        ..RunResult::default()
+    };
+    r.fill_ratios();
+    r
+}
+
+/// Whether a run found anything wrong, in words.
+pub fn problems(r: &RunResult, details: &SimReport) -> Option<String> {
+    let mut what = Vec::new();
+    if r.oracle_mismatches > 0 {
+        what.push(format!(
+            "{} oracle mismatches (first: {})",
+            r.oracle_mismatches,
+            details.first_mismatches.first().map_or("?", String::as_str)
+        ));
+    }
+    if r.audit_violations > 0 {
+        what.push(format!(
+            "{} audit violations (first: {})",
+            r.audit_violations,
+            details
+                .first_audit_violations
+                .first()
+                .map_or("?", String::as_str)
+        ));
+    }
+    if r.data_errors > 0 {
+        what.push(format!("{} guest data errors", r.data_errors));
+    }
+    (!what.is_empty()).then(|| format!("{}: {}", r.name(), what.join("; ")))
+}
