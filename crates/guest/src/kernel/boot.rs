@@ -8,7 +8,7 @@ use shadow2::paging::bits::{self, cr};
 use super::arch::{Arch, CODE_GFN};
 use super::code::code_page;
 use super::pt::EntryOp;
-use super::{CpuState, FILE_PAGES, KResult, Kernel, Pid, Process, kernel_err};
+use super::{FILE_PAGES, KResult, Kernel, Pid, Process, kernel_err};
 use crate::RunError;
 use crate::ops::GuestOps;
 
@@ -145,11 +145,7 @@ impl<B: GuestOps> Kernel<B> {
             }
             self.set_control(v, ctl)?;
             if let Some(c) = self.cpus.get_mut(v) {
-                *c = CpuState {
-                    ctl,
-                    current: Some(system),
-                    window: Default::default(),
-                };
+                c.current = Some(system);
             }
             if let Some(p) = self.procs.get_mut(&system) {
                 p.loaded_on |= 1 << v;

@@ -147,7 +147,7 @@ impl<B: GuestOps> Kernel<B> {
         let at = self.leaf_entry_va(v, pid, table, page)?;
         let pte = self.read_entry(v, at)?;
         if pte & bits::P == 0 {
-            self.demand_map(v, pid, at, page, &vma, code.write())?;
+            self.demand_map(v, at, page, &vma, code.write())?;
             return Ok(Handled::Retry);
         }
         if code.write() && pte & bits::RW == 0 {
@@ -162,41 +162,27 @@ impl<B: GuestOps> Kernel<B> {
         Ok(Handled::Retry)
     }
 
-    /// Maps the page on first touch. Like Linux, the new entry is already young (and dirty
-    /// for a write): the access that faulted is about to set those bits anyway.
-    fn demand_map(
-        &mut self,
-        v: usize,
-        pid: Pid,
-        at: u64,
-        page: u64,
-        vma: &Vma,
-        write: bool,
-    ) -> KResult<()> {
-        let young = bits::A | if write { bits::D } else { 0 };
-        let gfn = match vma.file {
+    /// Maps the page on first touch. Like Linux, a new anonymous entry is already young (and
+    /// dirty for a write): the access that faulted is about to set those bits anyway.
+    fn demand_map(&mut self, v: usize, at: u64, page: u64, vma: &Vma, write: bool) -> KResult<()> {
+        // `at` is reached through the kernel's linear or self-map, never through the
+        // window slots that zeroing uses: it stays valid.
+        let pte = match vma.file {
             Some(first) => {
                 let i = first + (page - vma.start) / 4096;
                 let gfn = self.file.get(i as usize).copied().ok_or_else(|| {
                     RunError::GuestPanic("mapping past the end of the file".into())
                 })?;
                 self.frames.get(gfn);
-                gfn
+                // Page-cache pages are shared: mapped read-only.
+                self.arch.user_pte(gfn, false, vma.exec) | bits::A
             }
             None => {
                 let gfn = self.alloc_zeroed(v)?;
-                // Zeroing may have moved a window: find the entry again.
-                let table = self.leaf_table(v, pid, page, true)?.ok_or_else(|| {
-                    RunError::GuestPanic("no leaf table after building it".into())
-                })?;
-                let at = self.leaf_entry_va(v, pid, table, page)?;
-                let pte = self.arch.user_pte(gfn, vma.writable, vma.exec) | young;
-                self.set_entry(v, at, EntryOp::Install(pte))?;
-                self.event(Event::DemandFault);
-                return Ok(());
+                let young = bits::A | if write { bits::D } else { 0 };
+                self.arch.user_pte(gfn, vma.writable, vma.exec) | young
             }
         };
-        let pte = self.arch.user_pte(gfn, false, vma.exec) | bits::A;
         self.set_entry(v, at, EntryOp::Install(pte))?;
         self.event(Event::DemandFault);
         Ok(())
@@ -212,11 +198,8 @@ impl<B: GuestOps> Kernel<B> {
                 .frames
                 .alloc()
                 .ok_or_else(|| RunError::GuestPanic("out of memory".into()))?;
+            // The copy goes through window slots of its own: `at` stays valid.
             self.copy_frame(v, old, new)?;
-            let table = self.leaf_table(v, pid, page, false)?.ok_or_else(|| {
-                RunError::GuestPanic("leaf table vanished during copy-on-write".into())
-            })?;
-            let at = self.leaf_entry_va(v, pid, table, page)?;
             let entry = self.arch.user_pte(new, true, pte & bits::NX == 0) | bits::A | bits::D;
             self.set_entry(v, at, EntryOp::Replace(entry))?;
             self.frames.put(old);

@@ -57,9 +57,4 @@ impl Frames {
             false
         }
     }
-
-    /// Free frames.
-    pub fn free_count(&self) -> u64 {
-        self.free.len() as u64
-    }
 }

@@ -58,17 +58,17 @@ impl Vma {
 
 /// One address space and its task.
 #[derive(Clone, Debug)]
-pub struct Process {
+struct Process {
     /// The CR3 value.
-    pub cr3: u64,
+    cr3: u64,
     /// The top-level table (the PDPT's page for PAE).
     top: u64,
     /// PAE: the four page directories.
     pds: [u64; 4],
     /// PAE: the PDPT's slot in the PDPT pool.
     pdpt_slot: Option<usize>,
-    /// The mappings, sorted.
-    pub vmas: Vec<Vma>,
+    /// The mappings.
+    vmas: Vec<Vma>,
     /// What the process stored last at the start of each page it wrote (checked on reads).
     mem: BTreeMap<u64, u64>,
     /// Vcpus that have this address space loaded.
@@ -165,11 +165,6 @@ impl<B: GuestOps> Kernel<B> {
         &mut self.ops
     }
 
-    /// Gives the backend back.
-    pub fn into_ops(self) -> B {
-        self.ops
-    }
-
     /// The layout.
     pub fn arch(&self) -> &Arch {
         &self.arch
@@ -183,25 +178,6 @@ impl<B: GuestOps> Kernel<B> {
     /// A random number below `n` from the model's seed.
     pub fn rand_below(&mut self, n: u64) -> u64 {
         self.rng.below(n)
-    }
-
-    /// Live processes.
-    pub fn pids(&self) -> Vec<Pid> {
-        self.procs
-            .keys()
-            .copied()
-            .filter(|&p| p != self.pid_of_system)
-            .collect()
-    }
-
-    /// A process.
-    pub fn process(&self, pid: Pid) -> Option<&Process> {
-        self.procs.get(&pid)
-    }
-
-    /// Free guest frames.
-    pub fn free_frames(&self) -> u64 {
-        self.frames.free_count()
     }
 
     fn event(&mut self, e: Event) {
@@ -246,12 +222,6 @@ impl<B: GuestOps> Kernel<B> {
             // non-global translations, not their contents.
         }
         Ok(())
-    }
-
-    /// The vcpu `pid` is loaded on, if any.
-    pub fn vcpu_of(&self, pid: Pid) -> Option<usize> {
-        let mask = self.procs.get(&pid)?.loaded_on;
-        (mask != 0).then(|| mask.trailing_zeros() as usize)
     }
 
     /// Invalidates `va` on every vcpu that has `pid` loaded (a TLB shootdown).

@@ -215,32 +215,55 @@ impl<B: GuestOps> Kernel<B> {
     /// references; returns the pages cleared.
     fn unmap_range(&mut self, v: usize, pid: Pid, start: u64, end: u64) -> KResult<Vec<u64>> {
         let mut cleared = Vec::new();
-        let region = 1u64 << self.arch.shift(2);
-        let mut at = start;
-        while at < end {
-            let next = ((at / region) + 1) * region;
-            let stop = next.min(end);
-            if let Some(table) = self.leaf_table(v, pid, at, false)? {
-                let tva = self.table_va(v, pid, table, 1, at)?;
-                let entries = self.read_table(v, tva)?;
-                let eb = self.arch.entry_bytes();
-                let mut va = at;
-                while va < stop {
-                    let idx = self.arch.index(va, 1);
-                    if entries.get(idx as usize).is_some_and(|e| e & bits::P != 0) {
-                        let tva = self.table_va(v, pid, table, 1, va)?;
-                        let old = self.set_entry(v, tva + idx * eb, EntryOp::Take)?;
-                        if old & bits::P != 0 {
-                            self.frames.put(self.arch.entry_gfn(old));
-                            cleared.push(va);
-                        }
-                    }
-                    va += 4096;
+        for (at, stop) in self.leaf_regions(start, end) {
+            for (va, entry, _) in self.present_leaves(v, pid, at, stop)? {
+                let old = self.set_entry(v, entry, EntryOp::Take)?;
+                if old & bits::P != 0 {
+                    self.frames.put(self.arch.entry_gfn(old));
+                    cleared.push(va);
                 }
             }
-            at = stop;
         }
         Ok(cleared)
+    }
+
+    /// `start..end` cut where one leaf table's coverage ends and the next begins.
+    fn leaf_regions(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let region = 1u64 << self.arch.shift(2);
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < end {
+            let stop = ((at / region + 1) * region).min(end);
+            out.push((at, stop));
+            at = stop;
+        }
+        out
+    }
+
+    /// The present leaf entries of `pid` for the pages `at..stop` (inside one leaf
+    /// table's coverage), read in one load of the table: (page, the entry's linear
+    /// address, its value).
+    fn present_leaves(
+        &mut self,
+        v: usize,
+        pid: Pid,
+        at: u64,
+        stop: u64,
+    ) -> KResult<Vec<(u64, u64, u64)>> {
+        let Some(table) = self.leaf_table(v, pid, at, false)? else {
+            return Ok(Vec::new());
+        };
+        let tva = self.table_va(v, pid, table, 1, at)?;
+        let entries = self.read_table(v, tva)?;
+        let eb = self.arch.entry_bytes();
+        Ok((at..stop)
+            .step_by(4096)
+            .filter_map(|va| {
+                let idx = self.arch.index(va, 1);
+                let e = entries.get(idx as usize).copied()?;
+                (e & bits::P != 0).then_some((va, tva + idx * eb, e))
+            })
+            .collect())
     }
 
     /// Forks `parent` (running on `v`): the child gets a copy of every mapping, private
@@ -262,37 +285,19 @@ impl<B: GuestOps> Kernel<B> {
             loaded_on: 0,
         });
         let mut protected = Vec::new();
-        let region = 1u64 << self.arch.shift(2);
         for vma in &vmas {
             let cow = vma.writable && vma.file.is_none();
-            let mut at = vma.start;
-            while at < vma.end {
-                let stop = (((at / region) + 1) * region).min(vma.end);
+            for (at, stop) in self.leaf_regions(vma.start, vma.end) {
                 let mut copies = Vec::new();
-                if let Some(table) = self.leaf_table(v, parent, at, false)? {
-                    let tva = self.table_va(v, parent, table, 1, at)?;
-                    let entries = self.read_table(v, tva)?;
-                    let mut va = at;
-                    while va < stop {
-                        let idx = self.arch.index(va, 1);
-                        let e = entries.get(idx as usize).copied().unwrap_or(0);
-                        if e & bits::P != 0 {
-                            let mut ce = e & !bits::A;
-                            if cow && e & bits::RW != 0 {
-                                let tva = self.table_va(v, parent, table, 1, va)?;
-                                self.set_entry(
-                                    v,
-                                    tva + idx * self.arch.entry_bytes(),
-                                    EntryOp::ClearRw,
-                                )?;
-                                protected.push(va);
-                                ce &= !bits::RW;
-                            }
-                            self.frames.get(self.arch.entry_gfn(e));
-                            copies.push((va, ce));
-                        }
-                        va += 4096;
+                for (va, entry, e) in self.present_leaves(v, parent, at, stop)? {
+                    let mut ce = e & !bits::A;
+                    if cow && e & bits::RW != 0 {
+                        self.set_entry(v, entry, EntryOp::ClearRw)?;
+                        protected.push(va);
+                        ce &= !bits::RW;
                     }
+                    self.frames.get(self.arch.entry_gfn(e));
+                    copies.push((va, ce));
                 }
                 if !copies.is_empty() {
                     let table = self.leaf_table(v, child, at, true)?.ok_or_else(|| {
@@ -303,7 +308,6 @@ impl<B: GuestOps> Kernel<B> {
                         self.set_entry(v, at, EntryOp::Install(ce))?;
                     }
                 }
-                at = stop;
             }
         }
         self.switch_to(v, parent)?;
@@ -352,40 +356,42 @@ impl<B: GuestOps> Kernel<B> {
             return Ok(());
         }
         let top = self.proc_ref(pid)?.top;
-        let top_level = self.arch.levels;
-        let tva = self.phys_va(v, top, SLOT_TABLE)?;
-        let entries = self.read_table(v, tva)?;
-        for (i, &e) in entries.iter().enumerate().take(user_top as usize) {
-            if e & bits::P == 0 {
-                continue;
-            }
-            let va = (i as u64) << self.arch.shift(top_level);
-            self.free_level(v, pid, self.arch.entry_gfn(e), top_level - 1, va)?;
-            let tva = self.phys_va(v, top, SLOT_TABLE)?;
-            self.set_entry(v, tva + i as u64 * self.arch.entry_bytes(), EntryOp::Take)?;
-        }
-        Ok(())
+        self.free_children(v, pid, top, self.arch.levels, 0, user_top)
     }
 
-    /// Frees table `gfn` at `level` (covering from `base`) and everything below it; its
-    /// own entries that point at tables are cleared first.
+    /// Frees table `gfn` at `level` (covering from `base`) and everything below it.
     fn free_level(&mut self, v: usize, pid: Pid, gfn: u64, level: u8, base: u64) -> KResult<()> {
         if level > 1 {
-            let tva = self.table_va(v, pid, gfn, level, base)?;
-            let entries = self.read_table(v, tva)?;
-            for (i, &e) in entries.iter().enumerate() {
-                if e & bits::P == 0 {
-                    continue;
-                }
-                let va = base + ((i as u64) << self.arch.shift(level));
-                self.free_level(v, pid, self.arch.entry_gfn(e), level - 1, va)?;
-                let tva = self.table_va(v, pid, gfn, level, base)?;
-                self.set_entry(v, tva + i as u64 * self.arch.entry_bytes(), EntryOp::Take)?;
-            }
+            self.free_children(v, pid, gfn, level, base, self.arch.entries(level))?;
         }
         // PAE page directories are freed with the address space, not here.
         if !(self.arch.levels == 3 && level == 2) {
             self.frames.put(gfn);
+        }
+        Ok(())
+    }
+
+    /// Frees what the first `count` entries of table `gfn` at `level` (covering from
+    /// `base`) point at, clearing each entry after its subtree is gone.
+    fn free_children(
+        &mut self,
+        v: usize,
+        pid: Pid,
+        gfn: u64,
+        level: u8,
+        base: u64,
+        count: u64,
+    ) -> KResult<()> {
+        let tva = self.table_va(v, pid, gfn, level, base)?;
+        let entries = self.read_table(v, tva)?;
+        let eb = self.arch.entry_bytes();
+        for (i, &e) in entries.iter().enumerate().take(count as usize) {
+            if e & bits::P == 0 {
+                continue;
+            }
+            let va = base + ((i as u64) << self.arch.shift(level));
+            self.free_level(v, pid, self.arch.entry_gfn(e), level - 1, va)?;
+            self.set_entry(v, tva + i as u64 * eb, EntryOp::Take)?;
         }
         Ok(())
     }

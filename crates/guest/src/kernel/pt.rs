@@ -162,9 +162,8 @@ impl<B: GuestOps> Kernel<B> {
     /// Changes the entry at linear address `va` with a real instruction; returns the value
     /// it held before.
     pub(crate) fn set_entry(&mut self, v: usize, va: u64, op: EntryOp) -> KResult<u64> {
-        let wide_in_32bit = self.arch.entry_bytes() == 8 && self.code_mode(v) != CodeMode::Bits64
-            || self.arch.levels == 3;
-        let wide_in_32bit = wide_in_32bit || (self.arch.levels == 4 && !self.cpu_paging(v));
+        // PAE tables, and 4-level tables built with paging off, are written from 32-bit code.
+        let wide_in_32bit = self.arch.entry_bytes() == 8 && self.code_mode(v) != CodeMode::Bits64;
         match op {
             EntryOp::ClearRw => {
                 let mut regs = self.insn_regs(v, Insn::LockBtr);
@@ -329,9 +328,8 @@ impl<B: GuestOps> Kernel<B> {
                 if !alloc {
                     return Ok(None);
                 }
+                // Zeroing goes through its own window slot: `tva` stays valid.
                 let new = self.alloc_zeroed(v)?;
-                // Zeroing may have moved a window: find the table again.
-                let tva = self.table_va(v, pid, gfn, level, va)?;
                 self.set_entry(
                     v,
                     tva + idx * eb,
