@@ -42,11 +42,11 @@ fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
         return Err(format!("--scale {} is out of range (0, 1000]", args.scale));
     }
     let guests: Vec<GuestModel> = match &args.guest {
-        Some(g) => vec![GuestModel::from_name(g).ok_or_else(|| format!("unknown guest {g:?}"))?],
+        Some(g) => vec![simrun::parse_guest(g)?],
         None => GuestModel::ALL.to_vec(),
     };
     let workloads: Vec<Workload> = match &args.workload {
-        Some(w) => vec![Workload::from_name(w).ok_or_else(|| format!("unknown workload {w:?}"))?],
+        Some(w) => vec![simrun::parse_workload(w)?],
         None => Workload::ALL.to_vec(),
     };
     let mut out = Vec::new();

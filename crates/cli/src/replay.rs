@@ -43,25 +43,9 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
     let outcome = outcome.map_err(|e| format!("{name}: {e}"))?;
     let report = backend.report();
     let result = simrun::result_of(&spec, &header.backend, &outcome.counters, &report, started);
-    if args.json {
-        let mut printed = result.clone();
-        printed.pool_series.clear();
-        println!(
-            "{}",
-            serde_json::to_string(&printed).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", result.summary_table());
-        println!(
-            "replay: {} records, {} guest operations, counters identical to the recording",
-            outcome.records, outcome.counters.guest_ops
-        );
-    }
-    match simrun::problems(&result, &report) {
-        Some(p) => {
-            eprintln!("shadow2: {p}");
-            Ok(ExitCode::FAILURE)
-        }
-        None => Ok(ExitCode::SUCCESS),
-    }
+    let trailer = format!(
+        "replay: {} records, {} guest operations, counters identical to the recording",
+        outcome.records, outcome.counters.guest_ops
+    );
+    simrun::print_run(&result, &report, args.json, Some(&trailer))
 }

@@ -86,21 +86,5 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         counters.map_err(|e| format!("{} {} on {}: {e}", spec.guest, spec.workload, spec.pair))?;
     let report = backend.report();
     let result = simrun::result_of(&spec, &args.backend, &counters, &report, started);
-    if args.json {
-        let mut printed = result.clone();
-        printed.pool_series.clear();
-        println!(
-            "{}",
-            serde_json::to_string(&printed).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", result.summary_table());
-    }
-    match simrun::problems(&result, &report) {
-        Some(p) => {
-            eprintln!("shadow2: {p}");
-            Ok(ExitCode::FAILURE)
-        }
-        None => Ok(ExitCode::SUCCESS),
-    }
+    simrun::print_run(&result, &report, args.json, None)
 }

@@ -1,6 +1,7 @@
 //! Running one workload on a backend and turning what it did into a [`RunResult`]: shared
 //! by `run`, `bench` and `replay`.
 
+use std::process::ExitCode;
 use std::time::Instant;
 
 use shadow2::paging::PagingLevels;
@@ -36,6 +37,22 @@ pub struct MachineOptions {
     pub sample_every: u64,
 }
 
+/// A `--guest` value.
+pub fn parse_guest(name: &str) -> Result<GuestModel, String> {
+    GuestModel::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = GuestModel::ALL.iter().map(|m| m.name()).collect();
+        format!("unknown guest {name:?} (one of {})", names.join(", "))
+    })
+}
+
+/// A `--workload` value.
+pub fn parse_workload(name: &str) -> Result<Workload, String> {
+    Workload::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown workload {name:?} (one of {})", names.join(", "))
+    })
+}
+
 /// The run `--guest`, `--workload`, `--pair` and `--size` ask for; a pair without a guest
 /// picks the guest whose levels match, a guest without a pair its first pair.
 pub fn resolve_spec(
@@ -45,13 +62,7 @@ pub fn resolve_spec(
     size: Option<u64>,
     seed: u64,
 ) -> Result<RunSpec, String> {
-    let workload = Workload::from_name(workload).ok_or_else(|| {
-        let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
-        format!(
-            "unknown workload {workload:?} (one of {})",
-            names.join(", ")
-        )
-    })?;
+    let workload = parse_workload(workload)?;
     let pair = match pair {
         Some(p) => Some(PairName::parse(p).ok_or_else(|| {
             format!(
@@ -61,10 +72,7 @@ pub fn resolve_spec(
         None => None,
     };
     let guest = match (guest, pair) {
-        (Some(g), _) => GuestModel::from_name(g).ok_or_else(|| {
-            let names: Vec<&str> = GuestModel::ALL.iter().map(|m| m.name()).collect();
-            format!("unknown guest {g:?} (one of {})", names.join(", "))
-        })?,
+        (Some(g), _) => parse_guest(g)?,
         (None, Some(p)) => {
             GuestModel::for_pair(p).ok_or_else(|| format!("no guest model runs on pair {p}"))?
         }
@@ -177,4 +185,34 @@ pub fn problems(r: &RunResult, details: &SimReport) -> Option<String> {
         what.push(format!("{} guest data errors", r.data_errors));
     }
     (!what.is_empty()).then(|| format!("{}: {}", r.name(), what.join("; ")))
+}
+
+/// Prints a run: one JSON object (without the pool series), or the summary table and then
+/// `trailer`. Exit code 1, with the problems on stderr, if the run found any.
+pub fn print_run(
+    result: &RunResult,
+    report: &SimReport,
+    json: bool,
+    trailer: Option<&str>,
+) -> Result<ExitCode, String> {
+    if json {
+        let mut printed = result.clone();
+        printed.pool_series.clear();
+        println!(
+            "{}",
+            serde_json::to_string(&printed).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", result.summary_table());
+        if let Some(t) = trailer {
+            println!("{t}");
+        }
+    }
+    match problems(result, report) {
+        Some(p) => {
+            eprintln!("shadow2: {p}");
+            Ok(ExitCode::FAILURE)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

@@ -277,7 +277,7 @@ impl SimBackend {
     ) -> Result<(), OpError> {
         let what = if fetch { "fetch" } else { "load" };
         self.check_access(vcpu, va, buf.len(), what)?;
-        let privilege = privilege(cpl);
+        let privilege = Privilege::of_cpl(cpl);
         let result = if fetch {
             self.machine.fetch(vcpu, Gva::new(va), privilege, buf)
         } else {
@@ -309,15 +309,6 @@ fn describe_mismatch(m: &Mismatch) -> String {
         "vcpu {} {:?} {:?} at {}: {}",
         m.vcpu, m.access.privilege, m.access.kind, m.va, m.what
     )
-}
-
-/// CPL 3 is user mode, anything else supervisor mode.
-fn privilege(cpl: u8) -> Privilege {
-    if cpl == 3 {
-        Privilege::User
-    } else {
-        Privilege::Supervisor
-    }
 }
 
 /// What the guest model sees of a simulator error. MMIO is handled by the callers.
@@ -374,7 +365,9 @@ impl GuestOps for SimBackend {
 
     fn write(&mut self, vcpu: usize, va: u64, cpl: u8, data: &[u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, data.len(), "store")?;
-        let result = self.machine.write(vcpu, Gva::new(va), privilege(cpl), data);
+        let result = self
+            .machine
+            .write(vcpu, Gva::new(va), Privilege::of_cpl(cpl), data);
         self.tick();
         match result {
             // A store to MMIO goes nowhere.

@@ -659,11 +659,7 @@ impl ShadowMachine {
     /// engine from the instruction bytes in guest memory. On success `regs` hold the state
     /// after the instruction.
     pub fn exec(&mut self, v: usize, regs: &mut Regs) -> Result<(), GuestError> {
-        let privilege = if regs.cpl == 3 {
-            Privilege::User
-        } else {
-            Privilege::Supervisor
-        };
+        let privilege = Privilege::of_cpl(regs.cpl);
         for _ in 0..MAX_RESTARTS {
             let mut next = *regs;
             let mut mem = HwMemory {

@@ -180,6 +180,17 @@ pub enum Privilege {
     Implicit,
 }
 
+impl Privilege {
+    /// The privilege of an explicit access at `cpl`: CPL 3 is user mode, 0 to 2 supervisor.
+    pub const fn of_cpl(cpl: u8) -> Privilege {
+        if cpl == 3 {
+            Privilege::User
+        } else {
+            Privilege::Supervisor
+        }
+    }
+}
+
 /// One access to a linear address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Access {
@@ -196,12 +207,10 @@ impl Access {
     }
     /// An explicit access at `cpl`.
     pub const fn at_cpl(kind: AccessKind, cpl: u8) -> Access {
-        let privilege = if cpl == 3 {
-            Privilege::User
-        } else {
-            Privilege::Supervisor
-        };
-        Access { kind, privilege }
+        Access {
+            kind,
+            privilege: Privilege::of_cpl(cpl),
+        }
     }
     /// Whether this is a user-mode access.
     pub const fn is_user(self) -> bool {
