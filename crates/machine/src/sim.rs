@@ -191,6 +191,38 @@ impl ShadowMachine {
         Ok(())
     }
 
+    /// Calls into the engine, counting its time. A call that fails may owe a flush (it
+    /// changed shadows first): it is taken and carried out here, as a host must.
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&mut Domain<SparseMemory>) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        let result = timed(&mut self.engine_time, || f(&mut self.domain));
+        if result.is_err() {
+            let flush = self.domain.take_flush();
+            self.settle(flush);
+            self.restore_roots();
+        }
+        result
+    }
+
+    /// Gives roots back to vcpus that a failed call left without one, carrying out the
+    /// flushes the engine asks for first (a vcpu without a root does not run).
+    fn restore_roots(&mut self) {
+        for _ in 0..MAX_ROUNDS {
+            if self.domain.rootless().is_empty() || self.domain.failure().is_some() {
+                return;
+            }
+            match timed(&mut self.engine_time, || self.domain.load_roots()) {
+                Ok(flush) => self.settle(flush),
+                Err(_) => {
+                    let flush = self.domain.take_flush();
+                    self.settle(flush);
+                }
+            }
+        }
+    }
+
     /// Carries out a TLB flush the engine asked for, and reloads hardware roots that
     /// changed.
     pub fn settle(&mut self, flush: Flush) {
@@ -209,10 +241,13 @@ impl ShadowMachine {
     }
 
     fn load_hardware(&mut self, v: usize) {
-        let Some(hw) = self.domain.hardware_control(v) else {
+        let Some(cpu) = self.cpus.get_mut(v) else {
             return;
         };
-        let Some(cpu) = self.cpus.get_mut(v) else {
+        let Some(hw) = self.domain.hardware_control(v) else {
+            // No root to run on: nothing cached from the one it lost may be used, and it
+            // does not run until it has one again (see `access`).
+            cpu.flush_tlb_all();
             return;
         };
         cpu.set_state(hw);
@@ -231,64 +266,59 @@ impl ShadowMachine {
     }
 
     /// MOV to CR0/CR4/WRMSR EFER together (and RFLAGS/PKRU), then the engine picks the
-    /// pair. CR3 is taken from `ctl` too.
+    /// pair. CR3 is taken from `ctl` too. A refused change leaves the vcpu as it was (the
+    /// engine restores its registers).
     pub fn set_paging(&mut self, v: usize, ctl: ControlState) -> Result<(), GuestError> {
         self.traps.mode_changes += 1;
-        let old = self.guest_control(v);
-        timed(&mut self.engine_time, || self.domain.set_control(v, ctl))
+        self.call(|d| d.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        match timed(&mut self.engine_time, || self.domain.update_paging_modes(v)) {
-            Ok(flush) => {
-                self.settle(flush);
-                Ok(())
-            }
-            Err(e) => {
-                // A refused mode leaves the vcpu as it was.
-                timed(&mut self.engine_time, || self.domain.set_control(v, old))
-                    .map_err(GuestError::Engine)?;
-                if self.domain.vcpu(v).and_then(|c| c.pair()).is_some() {
-                    let flush = timed(&mut self.engine_time, || self.domain.update_paging_modes(v))
-                        .map_err(GuestError::Engine)?;
-                    self.settle(flush);
-                }
-                Err(match e {
-                    EngineError::Guest(GuestFault::GeneralProtection) => {
-                        GuestError::GeneralProtection
-                    }
-                    e => GuestError::Engine(e),
-                })
-            }
-        }
+        let flush = self.retrying(|d| d.update_paging_modes(v))?;
+        self.settle(flush);
+        Ok(())
     }
 
     /// MOV to CR3.
     pub fn set_cr3(&mut self, v: usize, cr3: u64) -> Result<(), GuestError> {
         self.traps.cr3_writes += 1;
-        let old = self.guest_control(v);
-        let ctl = ControlState { cr3, ..old };
-        timed(&mut self.engine_time, || self.domain.set_control(v, ctl))
+        let ctl = ControlState {
+            cr3,
+            ..self.guest_control(v)
+        };
+        self.call(|d| d.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        match timed(&mut self.engine_time, || self.domain.update_cr3(v)) {
-            Ok(flush) => {
-                // `update_cr3` always asks for the hardware root to be reloaded, and the
-                // reload flushes the whole TLB: the CR3 load's own flush is part of it.
-                self.settle(flush);
-                Ok(())
+        // `update_cr3` always asks for the hardware root to be reloaded, and the reload
+        // flushes the whole TLB: the CR3 load's own flush is part of it.
+        let flush = self.retrying(|d| d.update_cr3(v))?;
+        self.settle(flush);
+        Ok(())
+    }
+
+    /// A control-register write through the engine, re-executed as hardware re-executes a
+    /// trapping instruction while the engine answers `Preempted` (it needed a flush
+    /// carried out, or a bounded search to go on, first).
+    fn retrying(
+        &mut self,
+        mut op: impl FnMut(&mut Domain<SparseMemory>) -> Result<Flush, EngineError>,
+    ) -> Result<Flush, GuestError> {
+        for _ in 0..MAX_ROUNDS {
+            match self.call(&mut op) {
+                Ok(flush) => return Ok(flush),
+                Err(EngineError::Preempted) => self.traps.spurious += 1,
+                Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
+                    return Err(GuestError::GeneralProtection);
+                }
+                Err(e) => return Err(GuestError::Engine(e)),
             }
-            Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
-                timed(&mut self.engine_time, || self.domain.set_control(v, old))
-                    .map_err(GuestError::Engine)?;
-                Err(GuestError::GeneralProtection)
-            }
-            Err(e) => Err(GuestError::Engine(e)),
         }
+        Err(GuestError::Engine(EngineError::Internal(
+            "a control-register write made no progress",
+        )))
     }
 
     /// INVLPG.
     pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<(), GuestError> {
         self.traps.invlpg += 1;
-        let needed = timed(&mut self.engine_time, || self.domain.invlpg(v, va))
-            .map_err(GuestError::Engine)?;
+        let needed = self.call(|d| d.invlpg(v, va)).map_err(GuestError::Engine)?;
         if needed && let Some(cpu) = self.cpus.get_mut(v) {
             cpu.invlpg(va);
         }
@@ -376,6 +406,14 @@ impl ShadowMachine {
         let expected = oracle::expect(&self.domain, &ctl, va, access);
         let in_hole = self.domain.config().in_hole(va);
         for _ in 0..MAX_ROUNDS {
+            if self.domain.rootless().contains(v) {
+                self.restore_roots();
+                if self.domain.rootless().contains(v) {
+                    return Err(GuestError::Engine(EngineError::Internal(
+                        "the vcpu has no shadow root to run on",
+                    )));
+                }
+            }
             let cpu = self
                 .cpus
                 .get_mut(v)
@@ -427,10 +465,9 @@ impl ShadowMachine {
                     } else {
                         code
                     };
-                    let (outcome, flush) = timed(&mut self.engine_time, || {
-                        self.domain.page_fault(v, va, code)
-                    })
-                    .map_err(GuestError::Engine)?;
+                    let (outcome, flush) = self
+                        .call(|d| d.page_fault(v, va, code))
+                        .map_err(GuestError::Engine)?;
                     self.settle(flush);
                     match outcome {
                         FaultOutcome::Fixed => self.traps.shadow_fills += 1,
@@ -507,10 +544,9 @@ impl ShadowMachine {
                 format!("emulation at {gpa} but the guest says {expected:?}"),
             ),
         }
-        let flush = timed(&mut self.engine_time, || {
-            self.domain.write_guest_phys(gpa, data)
-        })
-        .map_err(GuestError::Engine)?;
+        let flush = self
+            .call(|d| d.write_guest_phys(gpa, data))
+            .map_err(GuestError::Engine)?;
         self.settle(flush);
         self.check_ad(v, va, access, ctl);
         Ok(Reached::Emulated)
@@ -528,10 +564,9 @@ impl ShadowMachine {
     /// A write on the guest's behalf to guest-physical memory (a hypercall, DMA): through
     /// the engine, which validates shadows and marks the page dirty.
     pub fn write_phys(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), GuestError> {
-        let flush = timed(&mut self.engine_time, || {
-            self.domain.write_guest_phys(gpa, data)
-        })
-        .map_err(GuestError::Engine)?;
+        let flush = self
+            .call(|d| d.write_guest_phys(gpa, data))
+            .map_err(GuestError::Engine)?;
         self.settle(flush);
         Ok(())
     }
@@ -678,9 +713,9 @@ impl ShadowMachine {
                     }
                 }
                 (Some(Stop::Emulate(gpa)), _) => {
-                    let (outcome, flush) =
-                        timed(&mut self.engine_time, || self.domain.emulate(v, regs, gpa))
-                            .map_err(GuestError::Engine)?;
+                    let (outcome, flush) = self
+                        .call(|d| d.emulate(v, regs, gpa))
+                        .map_err(GuestError::Engine)?;
                     self.settle(flush);
                     // The engine changed guest page tables: a correct guest's own TLB
                     // discipline follows such writes; the shadows were updated in place.

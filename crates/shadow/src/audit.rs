@@ -81,7 +81,7 @@ fn audit_pool<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
             );
         }
     }
-    if shadow_pages != d.pool.used_pages() {
+    if shadow_pages + d.limbo.pages() != d.pool.used_pages() {
         r.fail(
             "pool pages in use differ from pages held by shadows",
             shadow_pages as u64,

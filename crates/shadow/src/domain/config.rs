@@ -183,6 +183,9 @@ pub enum EngineError {
     /// fault never returns it: it answers [`crate::multi::FaultOutcome::Spurious`] instead,
     /// and the guest's retry continues the search.
     Preempted,
+    /// A failed operation left a TLB flush owed: take it with `Domain::take_flush` and carry
+    /// it out first.
+    FlushOwed,
 }
 
 impl EngineError {
@@ -219,6 +222,9 @@ impl fmt::Display for EngineError {
                 )
             }
             EngineError::Preempted => write!(f, "out of budget: retry the operation"),
+            EngineError::FlushOwed => {
+                write!(f, "a failed operation owes a TLB flush: take it first")
+            }
         }
     }
 }

@@ -142,10 +142,15 @@ impl<H: MachineMemory> Domain<H> {
             if let Some(child) = new_frame {
                 self.store.add_ref(child, slot);
             }
-            if let Some(child) = old_frame
-                && let Some(dead) = self.store.drop_ref(child)
-            {
-                self.store.unhash(dead);
+            if let Some(child) = old_frame {
+                if !self.reaping_cold
+                    && let Some((head, _)) = self.store.containing(child)
+                {
+                    self.hot.insert(head);
+                }
+                if let Some(dead) = self.store.drop_ref(child) {
+                    self.store.unhash(dead);
+                }
             }
         }
         if old_frame.is_some() && !grants_at_least(old, new, old_frame == new_frame) {
@@ -197,6 +202,11 @@ impl<H: MachineMemory> Domain<H> {
             }
             if self.reap_one()? || self.evict_one()? {
                 continue;
+            }
+            // Pages torn down in this operation are reusable only after its flush: the
+            // operation stops here, hands the flush out, and its retry finds them.
+            if self.limbo.pages() > 0 {
+                return Err(EngineError::Preempted);
             }
             if blown {
                 return Err(EngineError::PoolExhausted);
@@ -269,16 +279,27 @@ impl<H: MachineMemory> Domain<H> {
             .ok_or(EngineError::Internal("dying shadow without metadata"))?;
         let width = self.sentry_bytes();
         let bytes = PAGE_SIZE << order;
+        let hot = self.hot.contains(&head);
+        self.reaping_cold = !hot;
         let mut offset = 0;
-        while offset < bytes {
+        let mut cleared = Ok(());
+        while offset < bytes && cleared.is_ok() {
             let slot = Maddr::new(head.base().raw() + offset);
-            if self.host.read_entry(slot, width)? != 0 {
-                self.set_sentry(slot, 0)?;
-            }
+            cleared = match self.host.read_entry(slot, width) {
+                Ok(0) => Ok(()),
+                Ok(_) => self.set_sentry(slot, 0),
+                Err(e) => Err(e.into()),
+            };
             offset += width;
         }
+        self.reaping_cold = false;
+        cleared?;
         self.store.forget(head);
-        self.pool.free(head, order)?;
+        if hot {
+            self.limbo.add(head, order);
+        } else {
+            self.pool.free(head, order)?;
+        }
         self.stats.shadows_destroyed += 1;
         Ok(true)
     }
@@ -349,9 +370,11 @@ impl<H: MachineMemory> Domain<H> {
         let Some(vcpu) = self.vcpus.get_mut(v) else {
             return Err(EngineError::BadArgument("no such vcpu"));
         };
+        let released: alloc::vec::Vec<Mfn> = vcpu.tops().chain(vcpu.vcpu_top).collect();
         vcpu.tops = [None; 4];
         vcpu.root = None;
-        if let Some(top) = vcpu.vcpu_top {
+        self.hot.extend(released);
+        if let Some(top) = self.vcpus[v].vcpu_top {
             self.clear_shadow(top)?;
         }
         self.pending_reload = self.pending_reload.union(VcpuSet::one(v));

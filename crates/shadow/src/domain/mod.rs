@@ -10,6 +10,7 @@ mod control;
 mod emulate_ops;
 pub(crate) mod entries;
 pub(crate) mod guest_mem;
+mod limbo;
 mod memory_ops;
 mod vcpu;
 
@@ -19,6 +20,7 @@ use alloc::vec::Vec;
 pub use config::{DomainConfig, EngineError, GuestFault, RefcountMode};
 pub use control::{CleanProgress, ShadowOp, ShadowOpResult};
 pub use emulate_ops::EmulateOutcome;
+pub(crate) use vcpu::RootLoad;
 pub use vcpu::Vcpu;
 
 use crate::addr::{Gfn, Gva, Mfn};
@@ -67,6 +69,18 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) reserve: Reserve,
     /// TLB flushes owed by the operation in progress.
     pub(crate) pending_flush: VcpuSet,
+    /// A failed operation left a flush owed: nothing else runs until the host takes it with
+    /// [`Domain::take_flush`].
+    pub(crate) flush_owed: bool,
+    /// Shadow pages torn down while some vcpu's paging-structure caches may still walk them.
+    pub(crate) limbo: limbo::Limbo,
+    /// Shadows that hardware may have walked since the last flush handed out: upper entries
+    /// pointing at them were cleared, or a vcpu stopped using them as tops, in this operation.
+    /// Torn down in this operation, they wait in the limbo for the flush.
+    pub(crate) hot: BTreeSet<Mfn>,
+    /// Set while a shadow that no hardware can reach is torn down: the references it drops
+    /// do not make its children hot.
+    pub(crate) reaping_cold: bool,
     /// Vcpus whose hardware must reload CR3 (their root or its PDPTEs changed).
     pub(crate) pending_reload: VcpuSet,
     /// Vcpus whose top-level shadow was removed: their roots are rebuilt at the end of the
@@ -136,6 +150,10 @@ impl<H: MachineMemory> Domain<H> {
             stats: Stats::default(),
             reserve: Reserve::default(),
             pending_flush: VcpuSet::NONE,
+            flush_owed: false,
+            limbo: limbo::Limbo::default(),
+            hot: BTreeSet::new(),
+            reaping_cold: false,
             pending_reload: VcpuSet::NONE,
             needs_root: VcpuSet::NONE,
             failed: None,
@@ -276,7 +294,9 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Runs `op`, failing the domain on a fatal error and returning the TLB flush the
-    /// operation owes.
+    /// operation owes. A non-fatal error that leaves a flush owed (the operation changed
+    /// shadows before it failed) blocks the domain until the host takes the flush with
+    /// [`Domain::take_flush`], so that no owed flush can be lost.
     pub(crate) fn run<T>(
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, EngineError>,
@@ -284,6 +304,15 @@ impl<H: MachineMemory> Domain<H> {
         if self.failed.is_some() {
             return Err(EngineError::DomainFailed);
         }
+        if self.flush_owed {
+            return Err(EngineError::FlushOwed);
+        }
+        // The host carried out every flush it was handed before calling again.
+        if let Err(e) = self.limbo.release(&mut self.pool) {
+            self.failed = Some(EngineError::Pool(e));
+            return Err(EngineError::Pool(e));
+        }
+        self.hot.clear();
         let result = op(self);
         self.release_reserve();
         let result = result.and_then(|value| {
@@ -293,23 +322,43 @@ impl<H: MachineMemory> Domain<H> {
             }
             Ok(value)
         });
+        if self.limbo.owes_flush() {
+            self.pending_flush = self.all_vcpus();
+        }
         match result {
-            Ok(value) => {
-                let flush = Flush::of(core::mem::take(&mut self.pending_flush));
-                if !flush.is_empty() {
-                    self.stats.flushes += 1;
-                }
-                Ok((value, flush))
-            }
+            Ok(value) => Ok((value, self.hand_out_flush())),
             Err(e) => {
                 if e.is_fatal() {
                     self.failed = Some(e);
+                } else if !self.pending_flush.is_empty() {
+                    self.flush_owed = true;
                 }
-                // A flush owed by what changed before the error stays pending: the next
-                // operation that succeeds hands it to the host.
                 Err(e)
             }
         }
+    }
+
+    /// The flush owed so far, as a token for the host; a flush of every vcpu lets the shadow
+    /// pages torn down before it be reused once the host calls again.
+    fn hand_out_flush(&mut self) -> Flush {
+        let vcpus = core::mem::take(&mut self.pending_flush);
+        let all = self.all_vcpus();
+        if vcpus.0 & all.0 == all.0 {
+            self.limbo.flush_handed_out();
+        }
+        if !vcpus.is_empty() {
+            self.stats.flushes += 1;
+        }
+        Flush::of(vcpus)
+    }
+
+    /// Hands out the flush that a failed operation owes (it changed shadows before it
+    /// failed). After an error, a host calls this and carries the flush out, with
+    /// [`Domain::take_reloads`], before the guest runs again; until then every operation
+    /// fails with [`EngineError::FlushOwed`].
+    pub fn take_flush(&mut self) -> Flush {
+        self.flush_owed = false;
+        self.hand_out_flush()
     }
 
     fn check_vcpu(&self, v: usize) -> Result<(), EngineError> {
@@ -321,12 +370,17 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Chooses the vcpu's M-on-N pair from its control state (CR0.PG, CR4.PAE, EFER.LMA) and
-    /// loads its shadow root. Call after any change of CR0, CR4 or EFER.
+    /// loads its shadow root. Call after any change of CR0, CR4 or EFER. A PAE guest's PDPTE
+    /// registers are loaded from memory only by the changes that load them on hardware (SDM
+    /// 4.4.1); reserved bits in one give `Guest(GeneralProtection)`. A refused change leaves
+    /// the vcpu exactly as it was, its control registers included.
     pub fn update_paging_modes(&mut self, v: usize) -> Result<Flush, EngineError> {
         self.check_vcpu(v)?;
-        self.run(|d| {
+        let result = self.run(|d| {
             d.stats.mode_updates += 1;
-            let levels = d.vcpus[v].ctl.levels();
+            let vcpu = &d.vcpus[v];
+            let (ctl, before) = (vcpu.ctl, vcpu.applied);
+            let levels = ctl.levels();
             let pair =
                 Pair::new(levels, d.config.shadow_levels).ok_or(EngineError::UnsupportedPair {
                     guest: levels.count(),
@@ -337,32 +391,123 @@ impl<H: MachineMemory> Domain<H> {
                     "a non-translated guest cannot run with paging disabled",
                 ));
             }
-            d.release_vcpu_tops(v)?;
+            let pdptes = if vcpu::mode_change_loads_pdptes(&before, &ctl) {
+                d.read_pdptes(ctl.cr3)?
+            } else if levels == PagingLevels::Three {
+                ctl.pdptes
+            } else {
+                [0; 4]
+            };
+            let load = RootLoad {
+                pdptes,
+                flavor: d.vcpus[v].wanted_flavor(),
+                fresh: true,
+            };
+            pair.update_cr3(d, v, load)?;
             d.vcpus[v].pair = Some(pair);
-            d.vcpus[v].flavor = d.vcpus[v].wanted_flavor();
             d.pending_flush = d.pending_flush.union(VcpuSet::one(v));
-            pair.update_cr3(d, v)
-        })
-        .map(|((), f)| f)
+            d.vcpus[v].applied = d.vcpus[v].ctl;
+            Ok(())
+        });
+        self.settle_control(v, result)
     }
 
     /// Loads the shadow of the guest's new CR3 (a cached top-level shadow is reused). Call
-    /// after a guest CR3 write. In PAE mode this reads the guest's four PDPTEs, as the
+    /// after a guest CR3 write. In PAE mode this loads the guest's four PDPTEs, as the
     /// hardware does; reserved bits in a present one give `Guest(GeneralProtection)` and
     /// leave the vcpu as it was.
     pub fn update_cr3(&mut self, v: usize) -> Result<Flush, EngineError> {
         self.check_vcpu(v)?;
-        self.run(|d| {
+        let result = self.run(|d| {
             let pair = d.vcpus[v]
                 .pair
                 .ok_or(EngineError::BadArgument("update_paging_modes first"))?;
-            if d.vcpus[v].wanted_flavor() != d.vcpus[v].flavor {
-                d.release_vcpu_tops(v)?;
-                d.vcpus[v].flavor = d.vcpus[v].wanted_flavor();
+            let ctl = d.vcpus[v].ctl;
+            let pdptes = if ctl.levels() == PagingLevels::Three {
+                d.read_pdptes(ctl.cr3)?
+            } else {
+                [0; 4]
+            };
+            let flavor = d.vcpus[v].wanted_flavor();
+            let fresh = flavor != d.vcpus[v].flavor;
+            pair.update_cr3(
+                d,
+                v,
+                RootLoad {
+                    pdptes,
+                    flavor,
+                    fresh,
+                },
+            )?;
+            d.vcpus[v].applied = d.vcpus[v].ctl;
+            Ok(())
+        });
+        self.settle_control(v, result)
+    }
+
+    /// A refused control-register write leaves the vcpu's registers as they were.
+    fn settle_control(
+        &mut self,
+        v: usize,
+        result: Result<((), Flush), EngineError>,
+    ) -> Result<Flush, EngineError> {
+        if result.is_err()
+            && let Some(vcpu) = self.vcpus.get_mut(v)
+            && vcpu.pair.is_some()
+        {
+            vcpu.ctl = vcpu.applied;
+        }
+        result.map(|((), f)| f)
+    }
+
+    /// Rebuilds the roots of the vcpus whose top-level shadow was removed, with the PDPTE
+    /// registers they hold (a rebuild is not a CR3 load: the guest's PDPT is not re-read).
+    /// A vcpu whose rebuild fails (the pool needs a flush carried out first) keeps no root
+    /// until [`Domain::load_roots`] succeeds.
+    pub(crate) fn rebuild_roots(&mut self) -> Result<(), EngineError> {
+        for v in 0..self.vcpus.len() {
+            if !self.needs_root.contains(v) {
+                continue;
             }
-            pair.update_cr3(d, v)
-        })
-        .map(|((), f)| f)
+            if let Some(pair) = self.vcpus[v].pair {
+                let load = RootLoad {
+                    pdptes: self.vcpus[v].ctl.pdptes,
+                    flavor: self.vcpus[v].flavor,
+                    fresh: false,
+                };
+                pair.update_cr3(self, v, load)?;
+            }
+            self.needs_root = VcpuSet(self.needs_root.0 & !VcpuSet::one(v).0);
+        }
+        Ok(())
+    }
+
+    /// Vcpus left without a shadow root by an operation that failed or was preempted after
+    /// it removed their top-level shadows ([`Domain::hardware_control`] is `None` for them):
+    /// the host must not run them until [`Domain::load_roots`] has succeeded.
+    pub fn rootless(&self) -> VcpuSet {
+        self.needs_root
+    }
+
+    /// Rebuilds the roots of the [`Domain::rootless`] vcpus from the registers they hold.
+    /// `Preempted` asks for the owed flush ([`Domain::take_flush`]) to be carried out and the
+    /// call repeated.
+    pub fn load_roots(&mut self) -> Result<Flush, EngineError> {
+        self.run(|d| d.rebuild_roots()).map(|((), f)| f)
+    }
+
+    /// Reads the PAE PDPTEs named by `cr3` through guest memory (SDM 4.4.1): #GP for
+    /// reserved bits in a present one, or a PDPT outside RAM.
+    fn read_pdptes(&mut self, cr3: u64) -> Result<[u64; 4], EngineError> {
+        let feat = self.config.guest_features;
+        let map = match &self.p2m {
+            Some(p2m) => guest_mem::FrameMap::Translated(p2m),
+            None => guest_mem::FrameMap::Direct(&self.owned),
+        };
+        let frames = guest_mem::FrameCache::new();
+        let mem = guest_mem::GuestMem::new(&mut self.host, map, &frames);
+        crate::paging::load_pae_pdptes::<crate::addr::Gpa, _>(&mem, cr3, &feat)
+            .map_err(|_| EngineError::Guest(GuestFault::GeneralProtection))
     }
 
     /// Handles a page fault the hardware raised while running vcpu `v` on its shadows.

@@ -22,6 +22,35 @@ pub struct Vcpu {
     pub(crate) vcpu_top: Option<Mfn>,
     /// The machine frame the hardware's CR3 must hold.
     pub(crate) root: Option<Mfn>,
+    /// The control state of the last paging-mode update or CR3 load that succeeded: what
+    /// the guest's next control-register write is compared with, and what a refused one
+    /// goes back to.
+    pub(crate) applied: ControlState,
+}
+
+/// How a vcpu's root is (re)loaded.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RootLoad {
+    /// The PDPTE registers the root uses (PAE guests): read from memory at a CR3 load and at
+    /// the mode changes that load them (SDM 4.4.1), kept as they are otherwise.
+    pub(crate) pdptes: [u64; 4],
+    /// The flavor of the tops.
+    pub(crate) flavor: Flavor,
+    /// Whether the vcpu's current tops are released first (a new pair or flavor).
+    pub(crate) fresh: bool,
+}
+
+/// Whether a MOV to CR0/CR4 from `before` to `after` makes the processor load the PDPTE
+/// registers: PAE paging is in use afterwards and the write changed CR0.CD, CR0.NW, CR0.PG,
+/// CR4.PAE, CR4.PGE, CR4.PSE or CR4.SMEP (SDM vol. 3A 4.4.1). CR0.WP, CR4.SMAP and EFER.NXE
+/// changes do not. A new CR3 handed in with the mode is a CR3 load, which loads them too.
+pub(crate) fn mode_change_loads_pdptes(before: &ControlState, after: &ControlState) -> bool {
+    const CR0_BITS: u64 = cr::CR0_CD | cr::CR0_NW | cr::CR0_PG;
+    const CR4_BITS: u64 = cr::CR4_PAE | cr::CR4_PGE | cr::CR4_PSE | cr::CR4_SMEP;
+    after.levels() == PagingLevels::Three
+        && ((before.cr0 ^ after.cr0) & CR0_BITS != 0
+            || (before.cr4 ^ after.cr4) & CR4_BITS != 0
+            || before.cr3 != after.cr3)
 }
 
 impl Vcpu {

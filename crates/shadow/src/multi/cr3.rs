@@ -3,26 +3,35 @@
 //! top block where the shadow has more levels than the guest's hashed top.
 
 use super::{Engine, Supported};
-use crate::addr::{Gpa, Maddr, Mfn};
-use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
-use crate::domain::{Domain, EngineError, GuestFault};
+use crate::addr::{Maddr, Mfn};
+use crate::domain::guest_mem::gfn_of;
+use crate::domain::{Domain, EngineError, GuestFault, RootLoad};
 use crate::flush::VcpuSet;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
-use crate::paging::{PagingLevels, PagingMode, PdptLoadError, bits, load_pae_pdptes};
+use crate::paging::{PagingLevels, PagingMode, bits};
 use crate::types::{Flavor, ShadowKey, ShadowKind};
 
 impl<G: PagingMode, S: PagingMode> Engine<G, S>
 where
     (G, S): Supported,
 {
+    /// Loads the vcpu's root for `load`. Everything that can fail without failing the domain
+    /// (a guest frame that is not RAM, the pool needing a flush first) fails before the vcpu
+    /// changes; then, for a fresh load, its old tops are released.
     pub(super) fn update_cr3<H: MachineMemory>(
         d: &mut Domain<H>,
         v: usize,
+        load: RootLoad,
     ) -> Result<(), EngineError> {
         d.stats.cr3_loads += 1;
-        d.pending_reload = d.pending_reload.union(VcpuSet::one(v));
         if G::NUM_LEVELS == 0 {
+            if load.fresh {
+                d.release_vcpu_tops(v)?;
+            }
+            d.vcpus[v].flavor = load.flavor;
+            d.vcpus[v].ctl.pdptes = load.pdptes;
+            d.pending_reload = d.pending_reload.union(VcpuSet::one(v));
             Self::drop_vcpu_top(d, v);
             let root = d
                 .p2m
@@ -34,14 +43,13 @@ where
             return Ok(());
         }
         let ctl = d.vcpus[v].ctl;
-        let flavor = d.vcpus[v].flavor;
+        let flavor = load.flavor;
+        let pdptes = load.pdptes;
         let top_kind = Self::kind(Self::HASHED_TOP)?;
 
         // Every guest frame the new tops shadow, read before anything changes.
         let mut frames: [Option<Mfn>; 4] = [None; 4];
-        let mut pdptes = [0u64; 4];
         if G::LEVELS == PagingLevels::Three {
-            pdptes = Self::load_pdptes(d, ctl.cr3)?;
             for (i, pdpte) in pdptes.iter().enumerate() {
                 if pdpte & bits::P != 0
                     && let Some((mfn, P2mType::Ram)) =
@@ -75,8 +83,12 @@ where
         }
         d.prealloc(&orders)?;
 
+        if load.fresh {
+            d.release_vcpu_tops(v)?;
+        }
+        d.vcpus[v].flavor = flavor;
         d.vcpus[v].ctl.pdptes = pdptes;
-        d.vcpus[v].tops = [None; 4];
+        d.pending_reload = d.pending_reload.union(VcpuSet::one(v));
         let mut cached = true;
         let mut tops: [Option<Mfn>; 4] = [None; 4];
         for (i, frame) in frames.iter().enumerate() {
@@ -91,6 +103,9 @@ where
             d.store.pin(head);
             tops[i] = Some(head);
         }
+        // The old tops stay pinned (cached), but the hardware may hold them until its reload.
+        let old_tops: alloc::vec::Vec<Mfn> = d.vcpus[v].tops().collect();
+        d.hot.extend(old_tops);
         d.vcpus[v].tops = tops;
         if cached {
             d.stats.cr3_cached += 1;
@@ -149,26 +164,10 @@ where
         }
     }
 
-    /// Reads the PAE PDPTEs named by `cr3` through guest memory (SDM 4.4.1).
-    fn load_pdptes<H: MachineMemory>(d: &mut Domain<H>, cr3: u64) -> Result<[u64; 4], EngineError> {
-        let feat = d.config.guest_features;
-        let map = match &d.p2m {
-            Some(p2m) => FrameMap::Translated(p2m),
-            None => FrameMap::Direct(&d.owned),
-        };
-        let frames = FrameCache::new();
-        let mem = GuestMem::new(&mut d.host, map, &frames);
-        match load_pae_pdptes::<Gpa, _>(&mem, cr3, &feat) {
-            Ok(p) => Ok(p),
-            Err(PdptLoadError::ReservedBits { .. }) | Err(PdptLoadError::Memory(_)) => {
-                Err(EngineError::Guest(GuestFault::GeneralProtection))
-            }
-        }
-    }
-
     /// Gives back a vcpu's own top block when its new pair has none.
     fn drop_vcpu_top<H: MachineMemory>(d: &mut Domain<H>, v: usize) {
         if let Some(vt) = d.vcpus[v].vcpu_top.take() {
+            d.hot.insert(vt);
             let _ = d.store.unpin(vt);
             d.store.unhash(vt);
         }

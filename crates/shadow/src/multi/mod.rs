@@ -160,8 +160,9 @@ impl Pair {
         self,
         d: &mut Domain<H>,
         v: usize,
+        load: crate::domain::RootLoad,
     ) -> Result<(), EngineError> {
-        dispatch!(self, update_cr3(d, v))
+        dispatch!(self, update_cr3(d, v, load))
     }
 
     pub(crate) fn page_fault<H: MachineMemory>(

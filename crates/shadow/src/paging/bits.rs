@@ -45,6 +45,10 @@ pub mod cr {
     pub const CR0_PE: u64 = 1 << 0;
     /// CR0.WP
     pub const CR0_WP: u64 = 1 << 16;
+    /// CR0.NW: not write-through.
+    pub const CR0_NW: u64 = 1 << 29;
+    /// CR0.CD: cache disable.
+    pub const CR0_CD: u64 = 1 << 30;
     /// CR0.PG
     pub const CR0_PG: u64 = 1 << 31;
     /// CR4.PSE

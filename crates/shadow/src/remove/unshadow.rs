@@ -53,19 +53,6 @@ impl<H: MachineMemory> Domain<H> {
             .any(|t| self.store.info(t).is_some_and(|i| i.key.frame == mfn.raw()))
     }
 
-    /// Reloads the shadow root of every vcpu that lost it to an unshadow.
-    pub(crate) fn rebuild_roots(&mut self) -> Result<(), EngineError> {
-        let needs = core::mem::take(&mut self.needs_root);
-        for v in 0..self.vcpus.len() {
-            if needs.contains(v)
-                && let Some(pair) = self.vcpus[v].pair
-            {
-                pair.update_cr3(self, v)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Removes every shadow of a guest page and lets the guest write it directly (the page
     /// stopped being a page table, or an emulation cannot be done).
     pub fn unshadow_page(&mut self, gfn: Gfn) -> Result<Flush, EngineError> {
