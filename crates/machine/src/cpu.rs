@@ -226,6 +226,11 @@ impl Cpu {
         &self.psc
     }
 
+    /// The paging-structure caches, for tests that plant an entry.
+    pub fn psc_mut(&mut self) -> &mut PagingStructureCache {
+        &mut self.psc
+    }
+
     /// Turns the paging-structure caches on (the default) or off (dropping their entries):
     /// off, every walk starts at CR3 as in a CPU that caches final translations only.
     pub fn set_psc_enabled(&mut self, enabled: bool) {

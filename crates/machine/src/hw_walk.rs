@@ -61,13 +61,14 @@ where
     }
 }
 
-/// The highest level whose entries go to the paging-structure caches: PAE PDPTEs live in
-/// their own registers, loaded at CR3 load.
+/// The highest level whose entries go to the paging-structure caches: the top level (a
+/// PML4E, or a 32-bit PDE), except that PAE PDPTEs live in their own registers, loaded at
+/// CR3 load.
 fn highest_cached_level<P: PagingMode>() -> u8 {
     if P::LEVELS == PagingLevels::Three {
         2
     } else {
-        P::NUM_LEVELS - 1
+        P::NUM_LEVELS
     }
 }
 
