@@ -425,3 +425,20 @@ fn the_check_reports_a_translation_of_a_frame_the_domain_lost() {
         "{found:?}"
     );
 }
+
+#[test]
+fn the_churn_checker_walks_through_the_caches_on_every_pair() {
+    use shadow2::multi::Pair;
+    use shadow2_machine::churn::{ChurnConfig, run};
+    for pair in Pair::ALL {
+        let report = run(ChurnConfig {
+            pair,
+            ops: 1500,
+            seed: 3,
+            tiny_pool: false,
+        })
+        .expect("engine failed");
+        assert!(report.cached_walks > 0, "{}: {report:?}", pair.name());
+        assert_eq!(report.cache_violations, 0, "{:?}", report.first_problem);
+    }
+}

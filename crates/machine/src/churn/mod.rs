@@ -83,6 +83,8 @@ pub struct ChurnReport {
     pub unshadows: u64,
     /// Peak pool use in pages.
     pub pool_peak_pages: usize,
+    /// Hardware walks that started at a paging-structure-cache entry instead of the root.
+    pub cached_walks: u64,
 }
 
 impl ChurnReport {
@@ -688,6 +690,10 @@ impl Churn {
         self.report.fast_path = stats.fast_path;
         self.report.unshadows = stats.unshadows;
         self.report.pool_peak_pages = self.m.domain().pool().peak_used_pages();
+        self.report.cached_walks = (0..VCPUS)
+            .filter_map(|v| self.m.cpu(v))
+            .map(|cpu| cpu.psc().stats().hits)
+            .sum();
         self.report
     }
 }
