@@ -14,7 +14,7 @@ use shadow2::paging::{ControlState, PagingLevels, Privilege};
 use shadow2::remove::{LinearMapHint, TeardownHints};
 use shadow2_guest::{Event, Fault, GuestOps, OpError};
 
-use crate::sim::{GuestError, Mismatch, ShadowMachine, Traps};
+use crate::sim::{CacheViolation, GuestError, Mismatch, ShadowMachine, Traps};
 
 /// How to build a simulated machine for a guest model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +94,9 @@ pub struct SimReport {
     pub audit_violations: u64,
     /// The first of those, in words, each with the guest operation count of its audit.
     pub first_audit_violations: Vec<String>,
+    /// Of the audit violations, entries of a vcpu's TLB or paging-structure caches that
+    /// refer to what the domain may not reach (each audit checks the caches too).
+    pub cache_violations: u64,
     /// The pool's current size, in pages.
     pub pool_pages: usize,
     /// The most pool pages ever in use at once.
@@ -129,6 +132,7 @@ pub struct SimBackend {
     ops: u64,
     pool_series: Vec<(u64, u64)>,
     audit_violations: u64,
+    cache_violations: u64,
     first_audit_violations: Vec<String>,
     /// Engine time spent loading images (not a guest operation).
     load_time: Duration,
@@ -176,6 +180,7 @@ impl SimBackend {
             ops: 0,
             pool_series: Vec::new(),
             audit_violations: 0,
+            cache_violations: 0,
             first_audit_violations: Vec::new(),
             load_time: Duration::ZERO,
         })
@@ -197,8 +202,11 @@ impl SimBackend {
         let (mismatch_count, kept) = self.machine.mismatches();
         let domain = self.machine.domain();
         let final_audit = audit(domain);
+        let final_caches = self.machine.check_hardware_caches();
         let mut first_audit_violations = self.first_audit_violations.clone();
         record_violations(&mut first_audit_violations, self.ops, &final_audit);
+        record_cache_violations(&mut first_audit_violations, self.ops, &final_caches);
+        let final_violations = final_audit.violations.len() + final_caches.len();
         let mut pool_series = self.pool_series.clone();
         let used = domain.pool().used_pages() as u64;
         if pool_series.last().is_none_or(|&(ops, _)| ops != self.ops) {
@@ -209,8 +217,9 @@ impl SimBackend {
             traps: self.machine.traps(),
             oracle_mismatches: mismatch_count,
             first_mismatches: kept.iter().map(describe_mismatch).collect(),
-            audit_violations: self.audit_violations + final_audit.violations.len() as u64,
+            audit_violations: self.audit_violations + final_violations as u64,
             first_audit_violations,
+            cache_violations: self.cache_violations + final_caches.len() as u64,
             pool_pages: domain.pool().total_pages(),
             pool_peak_pages: domain.pool().peak_used_pages(),
             evictions: stats.evictions,
@@ -240,6 +249,10 @@ impl SimBackend {
             let report = audit(self.machine.domain());
             self.audit_violations += report.violations.len() as u64;
             record_violations(&mut self.first_audit_violations, self.ops, &report);
+            let caches = self.machine.check_hardware_caches();
+            self.audit_violations += caches.len() as u64;
+            self.cache_violations += caches.len() as u64;
+            record_cache_violations(&mut self.first_audit_violations, self.ops, &caches);
         }
     }
 
@@ -301,6 +314,16 @@ fn record_violations(kept: &mut Vec<String>, ops: u64, report: &AuditReport) {
             break;
         }
         kept.push(format!("after {ops} guest ops: {} at {:#x}", v.what, v.at));
+    }
+}
+
+/// Keeps the first few hardware-cache violations in words, after the audit's.
+fn record_cache_violations(kept: &mut Vec<String>, ops: u64, found: &[CacheViolation]) {
+    for v in found {
+        if kept.len() >= AUDIT_LOG {
+            break;
+        }
+        kept.push(format!("after {ops} guest ops: {v}"));
     }
 }
 

@@ -2,21 +2,24 @@
 //! whatever root CR3 names (the guest's own tables, or the engine's shadow tables) in machine
 //! memory, as hardware does it.
 //!
-//! The TLB is honoured exactly as hardware would honour it: a cached translation is used
-//! until INVLPG, a CR3 load, a paging-mode change or a fault removes it, so that a missing
-//! flush shows up as an access through a stale translation.
+//! The TLB and the paging-structure caches are honoured exactly as hardware would honour
+//! them: a cached translation is used until INVLPG, a CR3 load, a paging-mode change or a
+//! fault removes it, and a walk starts at the deepest cached paging-structure entry, so that
+//! a missing flush shows up as an access through a stale translation or a walk of a stale
+//! table.
 
 use std::fmt;
 
 use shadow2::addr::{Gva, Maddr, Mfn, PAGE_SIZE};
 use shadow2::paging::bits::{self, cr};
 use shadow2::paging::{
-    Access, AccessKind, AdUpdate, ControlState, CpuFeatures, MemError, PageSize, PagingLevels,
-    PdptLoadError, Perms, PfErrorCode, PhysMem, Privilege, Translation, WalkEnv, WalkFault,
-    load_pae_pdptes, walk,
+    Access, AccessKind, ControlState, CpuFeatures, MemError, PageSize, PagingLevels, PdptLoadError,
+    Perms, PfErrorCode, PhysMem, Privilege, WalkFault, load_pae_pdptes,
 };
 
+use crate::hw_walk::{HwTranslation, pkey_denies, walk_cached};
 use crate::memory::{copy_from_phys, copy_to_phys};
+use crate::psc::{PagingStructureCache, PscEntry};
 use crate::tlb::{Tlb, TlbEntry};
 
 /// CR0.NW
@@ -29,8 +32,11 @@ const CR0_CD: u64 = 1 << 30;
 const PDPTE_RELOAD_CR0: u64 = cr::CR0_PG | CR0_CD | CR0_NW;
 const PDPTE_RELOAD_CR4: u64 = cr::CR4_PAE | cr::CR4_PGE | cr::CR4_PSE | cr::CR4_SMEP;
 
-/// Control bits whose change flushes the whole TLB. NXE is here although the SDM does not
-/// list it because cached entries carry execute rights computed under the old NXE.
+/// Control bits whose change flushes the whole TLB and every paging-structure cache. NXE is
+/// here although the SDM does not list it because cached entries carry execute rights
+/// computed under the old NXE. CR0.WP, CR4.SMAP, CR4.PKE and RFLAGS.AC are not: no cached
+/// entry depends on them (they are applied at access time), and the SDM lets a processor
+/// keep its caches across their changes (4.10.4.1).
 const FLUSH_CR0: u64 = cr::CR0_PG;
 const FLUSH_CR4: u64 =
     cr::CR4_PGE | cr::CR4_PAE | cr::CR4_PSE | cr::CR4_SMEP | cr::CR4_PCIDE | cr::CR4_LA57;
@@ -113,10 +119,10 @@ impl CpuTranslation {
         }
     }
 
-    fn from_walk(t: &Translation<Maddr>) -> CpuTranslation {
+    fn from_walk(t: &HwTranslation) -> CpuTranslation {
         CpuTranslation {
             addr: t.addr,
-            frame: t.frame,
+            frame: t.addr.mfn(),
             size: t.size,
             perms: t.perms,
             dirty: t.leaf & bits::D != 0,
@@ -144,12 +150,22 @@ pub struct CpuStats {
     pub invlpgs: u64,
 }
 
-/// One vcpu: hardware control registers, CPU features and a TLB.
+/// One entry of a CPU's translation caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CachedEntry {
+    /// A final translation (the TLB).
+    Translation(TlbEntry),
+    /// A non-leaf entry (a paging-structure cache).
+    Structure(PscEntry),
+}
+
+/// One vcpu: hardware control registers, CPU features, a TLB and paging-structure caches.
 #[derive(Clone, Debug)]
 pub struct Cpu {
     ctl: ControlState,
     feat: CpuFeatures,
     tlb: Tlb,
+    psc: PagingStructureCache,
     cr2: Gva,
     stats: CpuStats,
 }
@@ -169,6 +185,7 @@ impl Cpu {
             },
             feat: feat.clamped(),
             tlb,
+            psc: PagingStructureCache::default(),
             cr2: Gva::new(0),
             stats: CpuStats::default(),
         }
@@ -204,26 +221,52 @@ impl Cpu {
         &mut self.tlb
     }
 
+    /// The paging-structure caches.
+    pub fn psc(&self) -> &PagingStructureCache {
+        &self.psc
+    }
+
+    /// The paging-structure caches, for tests that plant an entry.
+    pub fn psc_mut(&mut self) -> &mut PagingStructureCache {
+        &mut self.psc
+    }
+
+    /// Turns the paging-structure caches on (the default) or off (dropping their entries):
+    /// off, every walk starts at CR3 as in a CPU that caches final translations only.
+    pub fn set_psc_enabled(&mut self, enabled: bool) {
+        self.psc.set_enabled(enabled);
+    }
+
+    /// Every cached translation and paging-structure entry.
+    pub fn cached_entries(&self) -> impl Iterator<Item = CachedEntry> + '_ {
+        let translations = self.tlb.entries().into_iter().map(CachedEntry::Translation);
+        let structures = self.psc.entries().copied().map(CachedEntry::Structure);
+        translations.chain(structures)
+    }
+
     /// The event counts so far.
     pub fn stats(&self) -> CpuStats {
         self.stats
     }
 
-    /// Zeroes the event counts (the TLB's too).
+    /// Zeroes the event counts (the TLB's and the paging-structure caches' too).
     pub fn reset_stats(&mut self) {
         self.stats = CpuStats::default();
         self.tlb.reset_stats();
+        self.psc.reset_stats();
     }
 
     /// Installs a whole register state at once, as a VMM loading vcpu state does: no
-    /// checks, the PDPTEs taken as given, the TLB flushed entirely.
+    /// checks, the PDPTEs taken as given, the TLB and paging-structure caches flushed
+    /// entirely.
     pub fn set_state(&mut self, ctl: ControlState) {
         self.ctl = ctl;
-        self.tlb.flush_all();
+        self.flush_tlb_all();
     }
 
     /// MOV to CR3: in PAE mode loads the four PDPTEs (#GP on a reserved bit, nothing
-    /// changed); then flushes the TLB, keeping global entries if CR4.PGE=1.
+    /// changed); then flushes the TLB, keeping global entries if CR4.PGE=1, and every
+    /// paging-structure cache (globals do not apply to them).
     pub fn load_cr3<M>(&mut self, mem: &M, cr3: u64) -> Result<(), CpuFault>
     where
         M: PhysMem<Maddr> + ?Sized,
@@ -237,9 +280,9 @@ impl Cpu {
         }
         self.ctl.cr3 = cr3;
         if self.ctl.pge() {
-            self.tlb.flush_non_global();
+            self.flush_tlb_non_global();
         } else {
-            self.tlb.flush_all();
+            self.flush_tlb_all();
         }
         self.stats.cr3_loads += 1;
         Ok(())
@@ -249,7 +292,7 @@ impl Cpu {
     /// sets it (the LMA bit passed in is ignored). #GP, changing nothing, for CR0.PG without
     /// CR0.PE, long mode without CR4.PAE, or a PDPTE reload that fails. Entering or
     /// reconfiguring PAE paging reloads the PDPTEs; a change to a paging-mode bit flushes
-    /// the whole TLB.
+    /// the whole TLB and every paging-structure cache.
     pub fn set_control<M>(&mut self, mem: &M, cr0: u64, cr4: u64, efer: u64) -> Result<(), CpuFault>
     where
         M: PhysMem<Maddr> + ?Sized,
@@ -277,7 +320,7 @@ impl Cpu {
         }
         self.ctl = next;
         if d0 & FLUSH_CR0 != 0 || d4 & FLUSH_CR4 != 0 || de & FLUSH_EFER != 0 {
-            self.tlb.flush_all();
+            self.flush_tlb_all();
         }
         Ok(())
     }
@@ -316,8 +359,9 @@ impl Cpu {
         self.ctl.pkru = pkru;
     }
 
-    /// INVLPG: drops every TLB entry covering `va`. A non-canonical address is a no-op, as
-    /// on hardware.
+    /// INVLPG: drops every TLB entry covering `va` and every paging-structure-cache entry,
+    /// whatever address it covers (SDM 4.10.4.1). A non-canonical address is a no-op, as on
+    /// hardware.
     pub fn invlpg(&mut self, va: Gva) {
         self.stats.invlpgs += 1;
         let va = match self.ctl.levels() {
@@ -326,22 +370,26 @@ impl Cpu {
             _ => va.low32(),
         };
         self.tlb.invlpg(va);
+        self.psc.flush();
     }
 
-    /// Flushes the whole TLB, global entries too.
+    /// Flushes the whole TLB, global entries too, and every paging-structure cache.
     pub fn flush_tlb_all(&mut self) {
         self.tlb.flush_all();
+        self.psc.flush();
     }
 
-    /// Flushes every non-global TLB entry.
+    /// Flushes every non-global TLB entry and every paging-structure cache.
     pub fn flush_tlb_non_global(&mut self) {
         self.tlb.flush_non_global();
+        self.psc.flush();
     }
 
     /// Translates `va` for `access` like hardware: a TLB entry that allows the access is
-    /// used without touching memory; otherwise the tables under CR3 are walked in machine
-    /// memory (setting A and D), and the result cached. A fault drops the TLB entries for
-    /// the page and, for #PF, sets CR2.
+    /// used without touching memory; otherwise the tables are walked in machine memory
+    /// (setting A and D) from the deepest paging-structure-cache entry for `va` (from CR3
+    /// without one), and the result cached. A fault drops the TLB entries for the page and
+    /// the paging-structure-cache entries for `va` and, for #PF, sets CR2.
     pub fn translate<M>(
         &mut self,
         mem: &mut M,
@@ -548,21 +596,19 @@ impl Cpu {
         M: PhysMem<Maddr> + ?Sized,
     {
         self.stats.walks += 1;
-        let env = WalkEnv {
-            ctl: &self.ctl,
-            feat: &self.feat,
-            ad: AdUpdate::Set,
-        };
-        match walk::<Maddr, M>(mem, env, va, access) {
+        match walk_cached(mem, &self.ctl, &self.feat, &mut self.psc, va, access) {
             Ok(t) => {
                 self.tlb.insert(tlb_entry(va, &t));
                 Ok(CpuTranslation::from_walk(&t))
             }
-            Err(failure) => {
-                // Hardware invalidates the page's translations when an access to it faults.
+            Err(fault) => {
+                // A fault invalidates the page's translations and every paging-structure
+                // entry that would translate the address (SDM 4.10.4.1), so that it does
+                // not recur from stale caches.
                 self.tlb.remove(va);
+                self.psc.invalidate(va);
                 self.stats.faults += 1;
-                Err(self.raise(failure.fault, va))
+                Err(self.raise(fault, va))
             }
         }
     }
@@ -622,7 +668,7 @@ fn unpaged(va: Gva) -> CpuTranslation {
 }
 
 /// The TLB entry a successful walk of `va` leaves.
-fn tlb_entry(va: Gva, t: &Translation<Maddr>) -> TlbEntry {
+fn tlb_entry(va: Gva, t: &HwTranslation) -> TlbEntry {
     let page_offset = va.raw() & (t.size.bytes() - 1);
     TlbEntry {
         va,
@@ -655,18 +701,6 @@ fn rights_allow(access: Access, perms: Perms, ctl: &ControlState) -> bool {
             }
         }
     }
-}
-
-/// Whether PKRU forbids this data access to a user-mode page (SDM 4.6.2); PKRU is read at
-/// access time, never cached.
-fn pkey_denies(access: Access, perms: Perms, pkey: u8, ctl: &ControlState) -> bool {
-    if access.is_fetch() || !perms.user {
-        return false;
-    }
-    let shift = 2 * u32::from(pkey);
-    let access_disable = ctl.pkru >> shift & 1 != 0;
-    let write_disable = ctl.pkru >> (shift + 1) & 1 != 0;
-    access_disable || (access.is_write() && write_disable && (access.is_user() || ctl.wp()))
 }
 
 #[cfg(test)]

@@ -1,6 +1,12 @@
 //! A simulated machine running a shadowed domain: each vcpu's hardware (a [`Cpu`] with a
-//! TLB) walks the engine's shadow tables; every fault goes to the engine; every access is
-//! checked against the guest oracle (same frame, never more permission, A/D as required).
+//! TLB and paging-structure caches) walks the engine's shadow tables; every fault goes to
+//! the engine; every access is checked against the guest oracle (same frame, never more
+//! permission, A/D as required), and [`ShadowMachine::check_hardware_caches`] checks what
+//! the hardware still caches between engine calls.
+
+mod cache_check;
+
+pub use cache_check::CacheViolation;
 
 use std::time::{Duration, Instant};
 
@@ -161,6 +167,17 @@ impl ShadowMachine {
     /// A vcpu's hardware.
     pub fn cpu(&self, v: usize) -> Option<&Cpu> {
         self.cpus.get(v)
+    }
+    /// A vcpu's hardware, mutably: for tests that put the hardware in a state the engine
+    /// did not lead it to (a vcpu that missed a flush).
+    pub fn cpu_mut(&mut self, v: usize) -> Option<&mut Cpu> {
+        self.cpus.get_mut(v)
+    }
+    /// Turns every vcpu's paging-structure caches on (the default) or off.
+    pub fn set_psc_enabled(&mut self, enabled: bool) {
+        for cpu in &mut self.cpus {
+            cpu.set_psc_enabled(enabled);
+        }
     }
 
     fn mismatch(&mut self, vcpu: usize, va: Gva, access: Access, what: String) {
@@ -325,8 +342,8 @@ impl ShadowMachine {
         Ok(())
     }
 
-    /// Flushes every vcpu's TLB, as a guest does after changing upper-level entries (a
-    /// CR3 reload on every vcpu, or a global shootdown).
+    /// Flushes every vcpu's TLB and paging-structure caches, as a guest does after changing
+    /// upper-level entries (a CR3 reload on every vcpu, or a global shootdown).
     pub fn flush_all_tlbs(&mut self) {
         for cpu in &mut self.cpus {
             cpu.flush_tlb_all();

@@ -1,6 +1,6 @@
 //! `shadow2 check shadow`: random but reproducible guest page-table churn and accesses from
-//! two vcpus, for one M-on-N pair, with the auditor after every step and the oracle on
-//! every access.
+//! two vcpus, for one M-on-N pair, with the auditor and the hardware-cache check after every
+//! step and the oracle on every access.
 //!
 //! The guest builds and edits its tables in its own memory; behaviours include recursive
 //! self-maps (one page used as L1 and L2 at once, a Windows-style PAE self-map), PAE PDPTs
@@ -54,8 +54,12 @@ pub struct ChurnReport {
     pub ops: u64,
     /// Guest accesses (each checked by the oracle).
     pub accesses: u64,
-    /// Audit violations found (summed over every audit).
+    /// Audit violations found (summed over every audit), hardware-cache violations
+    /// included.
     pub audit_violations: u64,
+    /// Of those, entries of a vcpu's TLB or paging-structure caches that refer to what the
+    /// domain may not reach (summed over every check).
+    pub cache_violations: u64,
     /// Oracle mismatches.
     pub oracle_mismatches: u64,
     /// Pages written but missing from a log-dirty clean.
@@ -79,6 +83,8 @@ pub struct ChurnReport {
     pub unshadows: u64,
     /// Peak pool use in pages.
     pub pool_peak_pages: usize,
+    /// Hardware walks that started at a paging-structure-cache entry instead of the root.
+    pub cached_walks: u64,
 }
 
 impl ChurnReport {
@@ -197,6 +203,15 @@ pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
                 "audit after op {}: {:?}",
                 churn.report.ops,
                 a.violations.first()
+            ));
+        }
+        let caches = churn.m.check_hardware_caches();
+        if let Some(first) = caches.first() {
+            churn.report.cache_violations += caches.len() as u64;
+            churn.report.audit_violations += caches.len() as u64;
+            churn.report.problem(format!(
+                "hardware caches after op {}: {first}",
+                churn.report.ops
             ));
         }
         if churn.report.first_problem.is_some() && churn.report.audit_violations > 1000 {
@@ -675,6 +690,10 @@ impl Churn {
         self.report.fast_path = stats.fast_path;
         self.report.unshadows = stats.unshadows;
         self.report.pool_peak_pages = self.m.domain().pool().peak_used_pages();
+        self.report.cached_walks = (0..VCPUS)
+            .filter_map(|v| self.m.cpu(v))
+            .map(|cpu| cpu.psc().stats().hits)
+            .sum();
         self.report
     }
 }
