@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod churn;
 pub mod cpu;
+pub mod fuzz;
 pub mod matrix;
 pub mod memory;
 pub mod oracle;
