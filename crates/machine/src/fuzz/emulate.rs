@@ -241,6 +241,27 @@ fn build(src: &mut Rng) -> Option<Setup> {
             guest.mapped.push(va);
         }
     }
+    if src.chance(10) {
+        // A page table mapped writable, and right after it a frame beyond RAM: a write
+        // across the two must be all or nothing.
+        let va = guest.random_va(src) & !0xfff;
+        let tables = guest.page_tables.len() as u64;
+        let table = guest
+            .page_tables
+            .iter()
+            .nth(src.below(tables) as usize)
+            .copied()?;
+        let beyond = RAM_FRAMES + src.below(4);
+        let flags = bits::P | bits::RW | bits::US | bits::A | bits::D;
+        for (page, frame) in [table.raw(), beyond].into_iter().enumerate() {
+            let va = va + 4096 * page as u64;
+            let (slot, _) = guest.ensure_path(&mut m, src, &p, va, 1)?;
+            guest
+                .write_entry_phys(&mut m, slot, frame << 12 | flags)
+                .ok()?;
+            guest.mapped.insert(0, va);
+        }
+    }
     let main = paging_control(pair.guest(), p.cr3, src);
     let second = paging_control(levels, p.cr3, src);
     m.set_paging(0, main).ok()?;
