@@ -1,6 +1,6 @@
-//! Every input the fuzzers kept (`fuzz/corpus/<target>/`) and every crash they found
-//! (`fuzz/regressions/<target>/`), run through the function the cargo-fuzz target calls,
-//! so that CI replays them without a fuzzer.
+//! Every input the fuzzers kept (`fuzz/corpus/<target>/`), run through the function the
+//! cargo-fuzz target calls, so that CI replays them without a fuzzer. (Engine bugs the
+//! targets found are reduced to tests in `fuzz_findings.rs`.)
 
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
