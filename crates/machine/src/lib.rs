@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod churn;
 pub mod cpu;
+pub mod fuzz;
 pub mod hw_walk;
 pub mod matrix;
 pub mod memory;

@@ -25,7 +25,7 @@ use shadow2::paging::{
     Access, AccessKind, ControlState, PagingLevels, PhysMem, Privilege, bits, bits::cr,
 };
 
-pub use guest::Guest;
+pub use guest::{Guest, pte_store_forms};
 pub use rng::Rng;
 
 use crate::oracle;
@@ -102,14 +102,16 @@ const NORMAL_POOL: usize = 512;
 
 /// The guest paging mode the tables are built in: the pair's, or for a 0-level pair the
 /// shadow's (the second vcpu pages while the first runs with paging off).
-fn table_levels(pair: Pair) -> PagingLevels {
+pub fn table_levels(pair: Pair) -> PagingLevels {
     match pair.guest() {
         PagingLevels::Zero => pair.shadow(),
         g => g,
     }
 }
 
-fn paging_control(levels: PagingLevels, cr3: u64, rng: &mut Rng) -> ControlState {
+/// A control state that pages in `levels` on `cr3`, its optional features (CR0.WP, PGE,
+/// PSE, NXE, SMEP, SMAP, RFLAGS.AC) picked by `rng`.
+pub fn paging_control(levels: PagingLevels, cr3: u64, rng: &mut Rng) -> ControlState {
     let wp = if rng.chance(95) { cr::CR0_WP } else { 0 };
     let pge = if rng.chance(50) { cr::CR4_PGE } else { 0 };
     let mut ctl = ControlState {
@@ -160,6 +162,13 @@ struct Churn {
 
 /// Runs one pair.
 pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
+    let rng = Rng::new(cfg.seed ^ (cfg.pair as u64).wrapping_mul(0x1000_0001));
+    run_with(cfg, rng)
+}
+
+/// Runs one pair with the choices of `rng`: at most `cfg.ops` operations, fewer if a
+/// byte-string source runs out first (a fuzzer's input, see [`Rng::from_bytes`]).
+pub fn run_with(cfg: ChurnConfig, mut rng: Rng) -> Result<ChurnReport, EngineError> {
     let shadow = cfg.pair.shadow();
     let mut config = DomainConfig::hvm(shadow, VCPUS, NORMAL_POOL);
     // Internal mode (a hypervisor hole in the L4) on 64-bit shadows, every other seed.
@@ -171,7 +180,6 @@ pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
     let mut m = ShadowMachine::new(MACHINE_FRAMES, config)?;
     m.add_ram(Gfn::new(0), RAM_FRAMES)?;
     let levels = table_levels(cfg.pair);
-    let mut rng = Rng::new(cfg.seed ^ (cfg.pair as u64).wrapping_mul(0x1000_0001));
     let mut guest = Guest::new(levels, RAM_FRAMES, true);
     let mut churn = Churn {
         m,
@@ -194,6 +202,9 @@ pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
     churn.rng = rng;
     churn.boot()?;
     for _ in 0..cfg.ops {
+        if churn.rng.exhausted() {
+            break;
+        }
         churn.step()?;
         churn.report.ops += 1;
         let a = audit(churn.m.domain());
