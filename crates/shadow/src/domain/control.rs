@@ -8,9 +8,10 @@ use super::{Domain, EngineError};
 use crate::addr::{Maddr, Mfn};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
-use crate::log_dirty::{DirtyBitmap, DirtyLog};
+use crate::log_dirty::{DirtyBitmap, DirtyLog, Enabling};
 use crate::paging::bits;
 use crate::pool::ResizeProgress;
+use crate::remove::sweep::SweepEnd;
 use crate::stats::Stats;
 
 /// A control operation.
@@ -89,6 +90,21 @@ impl<H: MachineMemory> Domain<H> {
         self.cleaning
             .as_ref()
             .is_some_and(|c| c.to_protect.contains(&slot))
+            || self.awaits_enable_protect(slot)
+    }
+
+    /// Whether the shadow entry at `slot` is writable only because enabling log-dirty mode
+    /// has not reached it yet.
+    fn awaits_enable_protect(&self, slot: Maddr) -> bool {
+        let Some(enabling) = self.log_dirty.as_ref().and_then(|l| l.enabling) else {
+            return false;
+        };
+        !enabling.leaves_done
+            && self.store.containing(slot.mfn()).is_some_and(|(head, _)| {
+                enabling
+                    .cursor
+                    .not_past(head, slot.raw() - head.base().raw())
+            })
     }
 
     /// Runs a control operation.
@@ -102,7 +118,16 @@ impl<H: MachineMemory> Domain<H> {
                 self.test_mode = false;
                 Ok((ShadowOpResult::Done, Flush::NONE))
             }
-            ShadowOp::EnableLogDirty => self.enable_log_dirty().map(|f| (ShadowOpResult::Done, f)),
+            ShadowOp::EnableLogDirty => {
+                let budget = self.config.call_work_budget;
+                self.enable_log_dirty_step(budget).map(|(done, f)| {
+                    if done {
+                        (ShadowOpResult::Done, f)
+                    } else {
+                        (ShadowOpResult::More, f)
+                    }
+                })
+            }
             ShadowOp::DisableLogDirty => {
                 self.disable_log_dirty();
                 Ok((ShadowOpResult::Done, Flush::NONE))
@@ -137,19 +162,102 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Turns log-dirty mode on: every shadow L1 entry and every writable p2m entry loses
-    /// write access. The cost follows the number of shadows, not guest memory size.
+    /// write access. The whole of it, step after step (the guest does not run in between).
     pub fn enable_log_dirty(&mut self) -> Result<Flush, EngineError> {
-        if self.log_dirty.is_some() {
+        let mut flush = Flush::NONE;
+        loop {
+            let budget = self.config.call_work_budget;
+            let (done, f) = self.enable_log_dirty_step(budget)?;
+            flush = flush.merge(f);
+            if done {
+                return Ok(flush);
+            }
+        }
+    }
+
+    /// One bounded step of turning log-dirty mode on: removes write access from shadow L1
+    /// entries, then from writable p2m entries, about `budget` entries' work in all;
+    /// returns whether it is done. Logging starts with the first step: an entry
+    /// made writable later is made so only for a dirty page. If the guest runs between
+    /// steps, it may write through an entry not yet protected: every page a later step
+    /// protects is therefore counted dirty.
+    pub fn enable_log_dirty_step(&mut self, budget: usize) -> Result<(bool, Flush), EngineError> {
+        if self
+            .log_dirty
+            .as_ref()
+            .is_some_and(|l| l.enabling.is_none())
+        {
             return Err(EngineError::BadArgument("log-dirty mode is already on"));
         }
         self.run(|d| {
-            d.log_dirty = Some(DirtyLog::default());
-            d.protect_all_leaves()?;
-            d.protect_p2m_writable()?;
+            let mut enabling = match d.log_dirty.as_ref().and_then(|l| l.enabling) {
+                Some(e) => e,
+                None => {
+                    d.log_dirty = Some(DirtyLog::default());
+                    Enabling::default()
+                }
+            };
+            let later_step = enabling.steps > 0;
+            enabling.steps += 1;
+            let start = d.stats.last_call_work;
+            let budget = budget.max(1) as u64;
+            let mut protected: Vec<Mfn> = Vec::new();
+            if !enabling.leaves_done {
+                let mut cursor = enabling.cursor;
+                let end = d.sweep_shadows(
+                    &mut cursor,
+                    budget,
+                    |i| i.key.kind.is_leaf_table(),
+                    |d, _, e| {
+                        let frame = d.sentry_frame(e)?;
+                        (e & bits::RW != 0).then(|| {
+                            protected.push(frame);
+                            e & !bits::RW
+                        })
+                    },
+                )?;
+                enabling.cursor = cursor;
+                enabling.leaves_done = end == SweepEnd::Done;
+            }
+            if later_step {
+                for mfn in protected {
+                    d.mark_frame_dirty(mfn);
+                }
+            }
+            if enabling.leaves_done {
+                let spent = d.stats.last_call_work - start;
+                let left = budget.saturating_sub(spent).max(1);
+                for _ in 0..left {
+                    let Some(gfn) = d.p2m_writable.pop_first() else {
+                        break;
+                    };
+                    if let Some(p2m) = d.p2m.as_mut() {
+                        p2m.set_writable(&mut d.host, gfn, false)?;
+                    }
+                    d.stats.add_work(1);
+                    if later_step {
+                        d.mark_dirty(gfn);
+                    }
+                }
+            }
             d.pending_flush = d.all_vcpus();
-            Ok(())
+            let done = enabling.leaves_done && d.p2m_writable.is_empty();
+            if let Some(log) = d.log_dirty.as_mut() {
+                log.enabling = (!done).then_some(enabling);
+            }
+            Ok(done)
         })
-        .map(|((), f)| f)
+    }
+
+    /// Marks dirty a guest frame of machine frame `mfn` (every guest frame mapping it).
+    fn mark_frame_dirty(&mut self, mfn: Mfn) {
+        let gfns: Vec<crate::addr::Gfn> = match self.m2p.get(&mfn) {
+            Some(set) => set.iter().copied().collect(),
+            None => alloc::vec![crate::addr::Gfn::new(mfn.raw())],
+        };
+        for gfn in gfns {
+            self.mark_dirty(gfn);
+        }
     }
 
     /// Turns log-dirty mode off (pages regain write access as they fault).
@@ -170,6 +278,11 @@ impl<H: MachineMemory> Domain<H> {
     pub fn clean_step(&mut self, budget: usize) -> Result<(CleanProgress, Flush), EngineError> {
         if self.log_dirty.is_none() {
             return Err(EngineError::BadArgument("log-dirty mode is off"));
+        }
+        if self.log_dirty.as_ref().is_some_and(DirtyLog::is_enabling) {
+            return Err(EngineError::BadArgument(
+                "log-dirty mode is still being enabled",
+            ));
         }
         self.run(|d| {
             let mut cleaning = match d.cleaning.take() {
@@ -247,13 +360,6 @@ impl<H: MachineMemory> Domain<H> {
             .get(&mfn)
             .and_then(|s| s.iter().next().copied())
             .or(Some(crate::addr::Gfn::new(mfn.raw()))))
-    }
-
-    fn protect_all_leaves(&mut self) -> Result<(), EngineError> {
-        let leaves = self.leaf_shadows();
-        self.rewrite_entries(&leaves, |d, e| {
-            (d.sentry_frame(e).is_some() && e & bits::RW != 0).then_some(e & !bits::RW)
-        })
     }
 
     fn protect_p2m_writable(&mut self) -> Result<(), EngineError> {

@@ -103,7 +103,17 @@ impl<H: MachineMemory> Domain<H> {
                 "shadow entry write outside any shadow",
             ))?;
         let width = self.sentry_bytes();
+        let new = if kind.is_leaf_table()
+            && self
+                .sentry_frame(new)
+                .is_some_and(|m| self.mapping_blocked(m))
+        {
+            0
+        } else {
+            new
+        };
         let old = self.host.read_entry(slot, width)?;
+        self.stats.add_work(1);
         if old == new {
             return Ok(());
         }
@@ -272,6 +282,7 @@ impl<H: MachineMemory> Domain<H> {
         let mut offset = 0;
         while offset < bytes {
             let slot = Maddr::new(head.base().raw() + offset);
+            self.stats.add_work(1);
             if self.host.read_entry(slot, width)? != 0 {
                 self.set_sentry(slot, 0)?;
             }
@@ -335,6 +346,7 @@ impl<H: MachineMemory> Domain<H> {
         let mut offset = 0;
         while offset < PAGE_SIZE << order {
             let slot = Maddr::new(head.base().raw() + offset);
+            self.stats.add_work(1);
             if self.host.read_entry(slot, width)? != 0 {
                 self.set_sentry(slot, 0)?;
             }

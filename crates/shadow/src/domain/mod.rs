@@ -11,6 +11,7 @@ mod emulate_ops;
 pub(crate) mod entries;
 pub(crate) mod guest_mem;
 mod memory_ops;
+mod teardown;
 mod vcpu;
 
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -19,6 +20,7 @@ use alloc::vec::Vec;
 pub use config::{DomainConfig, EngineError, GuestFault, RefcountMode};
 pub use control::{CleanProgress, ShadowOp, ShadowOpResult};
 pub use emulate_ops::EmulateOutcome;
+pub use teardown::TeardownProgress;
 pub use vcpu::Vcpu;
 
 use crate::addr::{Gfn, Gva, Mfn};
@@ -81,6 +83,8 @@ pub struct Domain<H: MachineMemory> {
     /// The reverse map, when the domain keeps one.
     #[cfg(feature = "rmap")]
     pub(crate) rmap: Option<crate::rmap::ReverseMap>,
+    /// The teardown under way (the domain accepts no other operation).
+    pub(crate) teardown: Option<teardown::Teardown>,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -143,6 +147,7 @@ impl<H: MachineMemory> Domain<H> {
             remove: crate::remove::RemoveState::default(),
             #[cfg(feature = "rmap")]
             rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
+            teardown: None,
         })
     }
 
@@ -281,9 +286,10 @@ impl<H: MachineMemory> Domain<H> {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, EngineError>,
     ) -> Result<(T, Flush), EngineError> {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.teardown.is_some() {
             return Err(EngineError::DomainFailed);
         }
+        self.stats.start_call();
         let result = op(self);
         self.release_reserve();
         let result = result.and_then(|value| {

@@ -516,6 +516,7 @@ where
                 d.stats.fast_path_not_present += 1;
                 Ok(Some(FaultOutcome::Propagate(guest_ec)))
             }
+            Some(Magic::Mmio(gfn, _)) if d.mmio_magic_stale(crate::addr::Gfn::new(gfn)) => Ok(None),
             Some(Magic::Mmio(gfn, rights)) => {
                 // The hardware stopped at the reserved bit without checking rights: check
                 // them here, from the upper shadow entries (which carry the guest's) and

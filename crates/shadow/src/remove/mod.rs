@@ -53,9 +53,14 @@
 //!
 //! Only writable mappings are counted, so no cheap method can prove that a frame has no
 //! read-only mapping left: [`Domain::remove_all_mappings`](crate::domain::Domain) always
-//! scans every L1 shadow, in the call (bounded by the pool, as above), and checks the
-//! writable count at the end. (A reverse map, or a count of all mappings per frame, would
-//! let the pointer and the hints prove completeness here too.)
+//! scans every L1 shadow, in bounded steps of
+//! [`DomainConfig::call_work_budget`](crate::domain::DomainConfig) entries. A host call
+//! (`set_p2m`, `remove_frame`) whose scan is not done returns
+//! [`EngineError::Preempted`](crate::domain::EngineError) with the p2m unchanged and the
+//! cursor kept; the host calls it again with the same arguments. Meanwhile no shadow entry
+//! may map the frame (faults that would are retried), so one pass is complete, and the
+//! writable count checks it at the end. With a reverse map, the frame's recorded entries
+//! are removed, as many per call.
 //!
 //! # Unshadow (a page stops being a page table)
 //!
@@ -84,6 +89,7 @@
 mod hints;
 mod mappings;
 mod scan;
+pub(crate) mod sweep;
 mod unshadow;
 mod write_access;
 
@@ -114,27 +120,11 @@ pub(crate) struct RemoveState {
     /// Per vcpu: the page table its last emulated writes cleared entries of, and how many
     /// such writes in a row (the fork/exit heuristic).
     pub(crate) early: Vec<Option<(Mfn, u32)>>,
+    /// The removal of every mapping of a frame under way across calls, if any.
+    pub(crate) mappings: Option<mappings::MappingRemoval>,
 }
 
 impl<H: MachineMemory> Domain<H> {
-    /// Heads of every shadow whose entries map pages (L1s and splinters), dying ones too.
-    pub(crate) fn leaf_shadows(&self) -> Vec<(Mfn, u8)> {
-        self.store
-            .shadows()
-            .filter(|(_, i)| i.key.kind.is_leaf_table())
-            .map(|(h, i)| (h, i.order))
-            .collect()
-    }
-
-    /// Rewrites every entry of the listed shadows for which `pick` returns a new value.
-    pub(crate) fn rewrite_entries(
-        &mut self,
-        shadows: &[(Mfn, u8)],
-        mut pick: impl FnMut(&Self, u64) -> Option<u64>,
-    ) -> Result<(), EngineError> {
-        self.rewrite_entries_until(shadows, |_| false, |d, _, e| pick(d, e))
-    }
-
     /// Rewrites entries of the listed shadows for which `pick` (given the slot and the
     /// entry) returns a new value, stopping as soon as `done` holds (checked after each
     /// shadow).
@@ -154,6 +144,7 @@ impl<H: MachineMemory> Domain<H> {
                 let slot = Maddr::new(head.base().raw() + offset);
                 let entry = self.host.read_entry(slot, width)?;
                 self.stats.scanned_entries += 1;
+                self.stats.add_work(1);
                 if let Some(new) = pick(self, slot, entry) {
                     self.set_sentry(slot, new)?;
                 }
