@@ -1,0 +1,272 @@
+//! Issue 10, item 5: bounded work in every call. Each long operation (removing every
+//! mapping of a frame, enabling log-dirty mode, tearing the domain down) goes in steps that
+//! do at most `DomainConfig::call_work_bound` work, at the largest pool and on every pair,
+//! and ends, after finitely many continuations, in the state the whole operation gives.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod engine_support;
+
+use engine_support::*;
+use shadow2::addr::Gfn;
+use shadow2::domain::{DomainConfig, EngineError, TeardownProgress};
+use shadow2::p2m::P2mType;
+use shadow2::paging::{PagingLevels, bits};
+use shadow2_machine::sim::ShadowMachine;
+
+/// The data frame every region maps once.
+const SHARED: u64 = 8;
+/// Guest frames from here on hold page tables.
+const FIRST_TABLE: u64 = 16;
+const VALUE: u64 = 0x5eed_0001;
+
+/// The span of one guest L1 table.
+fn region(levels: PagingLevels) -> u64 {
+    if levels == PagingLevels::Two {
+        1 << 22
+    } else {
+        1 << 21
+    }
+}
+
+/// A machine whose pool has `pool` pages, running `levels` paging with `tables` L1
+/// tables, each mapping SHARED writable once and each shadowed (touched).
+fn busy(
+    shadow: PagingLevels,
+    levels: PagingLevels,
+    pool: usize,
+    tables: u64,
+    budget: usize,
+) -> (ShadowMachine, u64) {
+    let config = DomainConfig {
+        call_work_budget: budget,
+        ..hvm(shadow, 1, pool)
+    };
+    let ram = FIRST_TABLE + tables + tables / 256 + 8;
+    let frames = (pool as u64 + ram + 4096).next_power_of_two();
+    let mut m = ShadowMachine::new(frames, config).unwrap();
+    m.add_ram(Gfn::new(0), ram).unwrap();
+    let mut t = Tables::new(levels, FIRST_TABLE, ram);
+    let cr3 = t.new_root(0);
+    for i in 0..tables {
+        t.map(&mut m, cr3, i * region(levels), SHARED, DATA);
+    }
+    set_mode(&mut m, 0, levels, cr3);
+    write_u64(&mut m, 0, 0, VALUE).unwrap();
+    for i in 0..tables {
+        assert_eq!(read_u64(&mut m, 0, i * region(levels)).unwrap(), VALUE);
+    }
+    check(&m);
+    (m, cr3)
+}
+
+/// The work of the last call is within the domain's bound.
+#[track_caller]
+fn assert_bounded(m: &ShadowMachine) {
+    let stats = m.domain().stats();
+    let bound = m.domain().config().call_work_bound();
+    assert!(
+        stats.last_call_work <= bound,
+        "a call did {} units of work, more than {bound}",
+        stats.last_call_work
+    );
+}
+
+/// Writable shadow mappings of SHARED.
+fn writable_shared(m: &ShadowMachine) -> usize {
+    leaf_mappings_of(m, mfn_of(m, SHARED))
+        .iter()
+        .filter(|(_, e)| e & bits::RW != 0)
+        .count()
+}
+
+/// Turns log-dirty mode on in steps; returns how many steps it took.
+fn enable_log_dirty_in_steps(m: &mut ShadowMachine) -> usize {
+    let budget = m.domain().config().call_work_budget;
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        let (done, flush) = m.domain_mut().enable_log_dirty_step(budget).unwrap();
+        assert_bounded(m);
+        m.settle(flush);
+        check(m);
+        if done {
+            return steps;
+        }
+        assert!(steps < 10_000, "enabling log-dirty makes no progress");
+    }
+}
+
+/// Remaps SHARED to a fresh frame holding `value`, continuing while the engine says it
+/// was preempted; returns how many calls it took.
+fn remap_shared_in_steps(m: &mut ShadowMachine, value: u64) -> usize {
+    let old = mfn_of(m, SHARED);
+    let new = host_frame(m);
+    poke_machine(m, new.base().raw(), value);
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        match m
+            .domain_mut()
+            .set_p2m(Gfn::new(SHARED), Some((new, P2mType::Ram)))
+        {
+            Ok(flush) => {
+                assert_bounded(m);
+                m.settle(flush);
+                break;
+            }
+            Err(EngineError::Preempted) => {
+                assert_bounded(m);
+                // Between calls the p2m is unchanged and nothing maps the frame anew.
+                assert_eq!(mfn_of(m, SHARED), old);
+                check(m);
+            }
+            Err(e) => panic!("set_p2m failed: {e}"),
+        }
+        assert!(calls < 10_000, "set_p2m makes no progress");
+    }
+    assert!(leaf_mappings_of(m, old).is_empty());
+    check(m);
+    calls
+}
+
+/// Tears the domain down in steps of `budget`; returns how many steps it took.
+fn teardown_in_steps(m: &mut ShadowMachine, budget: usize) -> usize {
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        let (progress, _flush) = m.domain_mut().teardown_step(budget).unwrap();
+        assert_bounded(m);
+        if progress == TeardownProgress::Done {
+            return steps;
+        }
+        assert!(steps < 1_000_000, "teardown makes no progress");
+    }
+}
+
+/// Every frame the domain took from the host is back: only guest RAM (and the frames the
+/// test took itself) is still allocated.
+#[track_caller]
+fn assert_nothing_left(m: &ShadowMachine, ram_frames: u64) {
+    let d = m.domain();
+    assert_eq!(d.shadows().shadows().count(), 0);
+    assert_eq!(d.pool().total_pages(), 0);
+    assert_eq!(d.p2m().map_or(0, |p| p.table_count()), 0);
+    assert!((0..d.vcpu_count()).all(|v| d.vcpu(v).unwrap().root().is_none()));
+    assert_eq!(d.host().allocated_frames(), ram_frames);
+    assert_eq!(d.host().bad_frees(), 0);
+}
+
+#[test]
+fn every_long_operation_is_bounded_at_the_largest_pool() {
+    const TABLES: u64 = 1536;
+    let pool = DomainConfig::MAX_POOL_PAGES;
+    let (mut m, _) = busy(
+        PagingLevels::Four,
+        PagingLevels::Four,
+        pool,
+        TABLES,
+        DomainConfig::DEFAULT_CALL_WORK_BUDGET,
+    );
+    assert_eq!(m.domain().pool().total_pages(), pool);
+    assert_eq!(writable_shared(&m), TABLES as usize);
+
+    // Log-dirty: every writable entry loses RW, over several calls.
+    let steps = enable_log_dirty_in_steps(&mut m);
+    assert!(steps >= 3, "{steps} steps: the pass fit in one call");
+    assert_eq!(writable_shared(&m), 0);
+    assert_eq!(
+        leaf_mappings_of(&m, mfn_of(&m, SHARED)).len(),
+        TABLES as usize
+    );
+
+    // A p2m change: every mapping of the old frame goes, over several calls.
+    let calls = remap_shared_in_steps(&mut m, VALUE + 1);
+    assert!(calls >= 3, "{calls} calls: the scan fit in one call");
+    for i in [0, TABLES / 2, TABLES - 1] {
+        assert_eq!(
+            read_u64(&mut m, 0, i * region(PagingLevels::Four)).unwrap(),
+            VALUE + 1
+        );
+    }
+    check(&m);
+
+    // Teardown: the pool's 64 Ki chunks, in steps.
+    let ram = m.domain().p2m().unwrap().mapped_count() + 1;
+    let steps = teardown_in_steps(&mut m, 4096);
+    assert!(steps > 16);
+    assert_nothing_left(&m, ram);
+    let stats = m.domain().stats();
+    assert!(stats.max_call_work > 0);
+    assert!(stats.max_call_work <= m.domain().config().call_work_bound());
+}
+
+#[test]
+fn long_operations_continue_across_calls_on_every_pair() {
+    for pair in PAGING_PAIRS {
+        let (levels, shadow) = (pair.guest(), pair.shadow());
+        let (mut m, _) = busy(shadow, levels, 512, 40, 600);
+        let steps = enable_log_dirty_in_steps(&mut m);
+        assert!(steps >= 3, "{pair:?}: {steps} steps");
+        assert_eq!(writable_shared(&m), 0, "{pair:?}");
+        let calls = remap_shared_in_steps(&mut m, VALUE + 2);
+        assert!(calls >= 3, "{pair:?}: {calls} calls");
+        assert_eq!(
+            read_u64(&mut m, 0, 39 * region(levels)).unwrap(),
+            VALUE + 2,
+            "{pair:?}"
+        );
+        check(&m);
+    }
+}
+
+/// A guest that writes a page while log-dirty mode is being enabled, through an entry the
+/// pass has not reached yet, finds the page in the first clean's bitmap.
+#[test]
+fn a_write_between_enabling_steps_is_logged() {
+    let (mut m, _) = busy(PagingLevels::Four, PagingLevels::Four, 512, 40, 600);
+    let budget = m.domain().config().call_work_budget;
+    let (done, flush) = m.domain_mut().enable_log_dirty_step(budget).unwrap();
+    m.settle(flush);
+    assert!(!done);
+    // The last region's L1 shadow is the last the pass reaches.
+    write_u64(&mut m, 0, 39 * region(PagingLevels::Four), VALUE + 3).unwrap();
+    check(&m);
+    loop {
+        let (done, flush) = m.domain_mut().enable_log_dirty_step(budget).unwrap();
+        m.settle(flush);
+        check(&m);
+        if done {
+            break;
+        }
+    }
+    let (bitmap, flush) = m.domain_mut().clean_dirty().unwrap();
+    m.settle(flush);
+    assert!(bitmap.contains(Gfn::new(SHARED)));
+}
+
+/// While a p2m change waits for its scan, a fault on the frame maps nothing (it is
+/// retried), so that the scan's one pass is complete.
+#[test]
+fn a_frame_whose_mappings_are_being_removed_is_not_mapped_again() {
+    let (mut m, _) = busy(PagingLevels::Four, PagingLevels::Four, 512, 40, 600);
+    let old = mfn_of(&m, SHARED);
+    let new = host_frame(&mut m);
+    let first = m
+        .domain_mut()
+        .set_p2m(Gfn::new(SHARED), Some((new, P2mType::Ram)));
+    assert_eq!(first.unwrap_err(), EngineError::Preempted);
+    let before = leaf_mappings_of(&m, old).len();
+    assert!(before < 40, "the first step removed some mappings");
+    // Region 0 was scanned first: its entry is gone and a fault does not bring it back.
+    let outcome = m
+        .domain_mut()
+        .page_fault(
+            0,
+            shadow2::addr::Gva::new(0),
+            shadow2::paging::PfErrorCode(0),
+        )
+        .unwrap();
+    assert_eq!(outcome.0, shadow2::multi::FaultOutcome::Spurious);
+    assert_eq!(leaf_mappings_of(&m, old).len(), before);
+    check(&m);
+}
