@@ -11,6 +11,7 @@ use shadow2::addr::Gfn;
 use shadow2::domain::{DomainConfig, EngineError, TeardownProgress};
 use shadow2::p2m::P2mType;
 use shadow2::paging::{PagingLevels, bits};
+use shadow2::pool::ResizeProgress;
 use shadow2_machine::sim::ShadowMachine;
 
 /// The data frame every region maps once.
@@ -129,6 +130,22 @@ fn remap_shared_in_steps(m: &mut ShadowMachine, value: u64) -> usize {
     calls
 }
 
+/// Shrinks the pool to `pages` in steps; returns how many steps it took.
+fn shrink_pool_in_steps(m: &mut ShadowMachine, pages: usize) -> usize {
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        let (progress, flush) = m.domain_mut().set_pool_size_step(pages, 64).unwrap();
+        assert_bounded(m);
+        m.settle(flush);
+        if progress == ResizeProgress::Done {
+            check(m);
+            return steps;
+        }
+        assert!(steps < 1_000_000, "the pool resize makes no progress");
+    }
+}
+
 /// Tears the domain down in steps of `budget`; returns how many steps it took.
 fn teardown_in_steps(m: &mut ShadowMachine, budget: usize) -> usize {
     let mut steps = 0;
@@ -198,6 +215,25 @@ fn every_long_operation_is_bounded_at_the_largest_pool() {
     let stats = m.domain().stats();
     assert!(stats.max_call_work > 0);
     assert!(stats.max_call_work <= m.domain().config().call_work_bound());
+}
+
+#[test]
+fn shrinking_the_largest_pool_is_bounded() {
+    let (mut m, _) = busy(
+        PagingLevels::Four,
+        PagingLevels::Four,
+        DomainConfig::MAX_POOL_PAGES,
+        1536,
+        DomainConfig::DEFAULT_CALL_WORK_BUDGET,
+    );
+    // Shrinking the pool to its minimum: shadows are evicted, chunk by chunk.
+    let min = m.domain().config().min_pool_pages();
+    shrink_pool_in_steps(&mut m, 4096);
+    assert_eq!(m.domain().pool().total_pages(), 4096);
+    shrink_pool_in_steps(&mut m, min);
+    assert_eq!(m.domain().pool().total_pages(), min);
+    assert_eq!(read_u64(&mut m, 0, 0).unwrap(), VALUE);
+    check(&m);
 }
 
 #[test]

@@ -390,6 +390,9 @@ impl<H: MachineMemory> Domain<H> {
             if let ResizeProgress::NeedsEviction { .. } = progress {
                 let mut freed = false;
                 for _ in 0..budget.max(1) {
+                    if d.out_of_work() {
+                        return Ok(ResizeProgress::More);
+                    }
                     if d.reap_one()? || d.vacate_chunk()? || d.evict_one()? {
                         freed = true;
                     } else {
@@ -399,7 +402,7 @@ impl<H: MachineMemory> Domain<H> {
                 if !freed {
                     let before = d.pool.used_pages();
                     d.blow_tables()?;
-                    if d.pool.used_pages() == before {
+                    if d.pool.used_pages() == before && d.store.dying_count() == 0 {
                         return Err(EngineError::BadArgument(
                             "the pool cannot shrink below what the vcpus' top-level shadows use",
                         ));
@@ -446,7 +449,7 @@ impl<H: MachineMemory> Domain<H> {
                 }
                 self.stats.evictions += 1;
             }
-            while self.reap_one()? {}
+            while !self.out_of_work() && self.reap_one()? {}
             self.pending_flush = self.all_vcpus();
             return Ok(true);
         }

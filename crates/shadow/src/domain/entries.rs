@@ -205,6 +205,10 @@ impl<H: MachineMemory> Domain<H> {
             if !over_target && let Some(m) = self.pool.alloc(order) {
                 return Ok(m);
             }
+            if self.out_of_work() {
+                // The shadows torn down so far stay torn down: the retry goes on from here.
+                return Err(EngineError::Preempted);
+            }
             if self.reap_one()? || self.evict_one()? {
                 continue;
             }
@@ -316,7 +320,9 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Throws away every shadow not needed to keep the vcpus' roots valid: unpins every
-    /// unused top, empties the tops in use, and tears down everything that falls.
+    /// unused top and empties the tops in use; everything that falls is queued to die, and
+    /// torn down while the call's work budget lasts (the rest by later calls, or by the
+    /// allocation that needs the room).
     pub(crate) fn blow_tables(&mut self) -> Result<(), EngineError> {
         self.stats.blow_tables += 1;
         let pinned: alloc::vec::Vec<Mfn> = self.store.pinned_lru().collect();
@@ -326,13 +332,14 @@ impl<H: MachineMemory> Domain<H> {
                     self.store.unhash(dead);
                 }
                 self.stats.evictions += 1;
+                self.stats.add_work(1);
             }
         }
         let in_use: alloc::vec::Vec<Mfn> = self.vcpus.iter().flat_map(|v| v.tops()).collect();
         for head in in_use {
             self.clear_shadow(head)?;
         }
-        while self.reap_one()? {}
+        while !self.out_of_work() && self.reap_one()? {}
         self.pending_flush = self.all_vcpus();
         Ok(())
     }

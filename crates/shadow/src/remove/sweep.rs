@@ -31,6 +31,12 @@ pub(crate) enum SweepEnd {
 }
 
 impl<H: MachineMemory> Domain<H> {
+    /// Whether the call in progress has spent its work budget: a long loop stops here and
+    /// leaves a continuation.
+    pub(crate) fn out_of_work(&self) -> bool {
+        self.stats.last_call_work >= self.config.call_work_budget as u64
+    }
+
     /// Visits the entries of the shadows `which` selects, from `cursor` on in head order,
     /// rewriting each for which `pick` returns a new value, until every such shadow has
     /// been visited or `budget` units of work (an entry read, a shadow skipped) are spent.
