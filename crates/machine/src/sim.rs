@@ -237,7 +237,9 @@ impl ShadowMachine {
         let old = self.guest_control(v);
         timed(&mut self.engine_time, || self.domain.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        match timed(&mut self.engine_time, || self.domain.update_paging_modes(v)) {
+        match timed(&mut self.engine_time, || {
+            retry_preempted(|| self.domain.update_paging_modes(v))
+        }) {
             Ok(flush) => {
                 self.settle(flush);
                 Ok(())
@@ -268,7 +270,9 @@ impl ShadowMachine {
         let ctl = ControlState { cr3, ..old };
         timed(&mut self.engine_time, || self.domain.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        match timed(&mut self.engine_time, || self.domain.update_cr3(v)) {
+        match timed(&mut self.engine_time, || {
+            retry_preempted(|| self.domain.update_cr3(v))
+        }) {
             Ok(flush) => {
                 // `update_cr3` always asks for the hardware root to be reloaded, and the
                 // reload flushes the whole TLB: the CR3 load's own flush is part of it.
@@ -710,5 +714,17 @@ fn guest_error(f: EmuFault) -> GuestError {
             code: PfErrorCode(code),
         },
         EmuFault::GeneralProtection => GuestError::GeneralProtection,
+    }
+}
+
+/// Runs a guest-triggered engine operation again while it answers
+/// [`EngineError::Preempted`], as hardware re-executes an instruction whose exit the host
+/// did not complete (each call is bounded; the engine keeps its progress between them).
+fn retry_preempted<T>(mut op: impl FnMut() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    loop {
+        match op() {
+            Err(EngineError::Preempted) => {}
+            other => return other,
+        }
     }
 }

@@ -306,3 +306,145 @@ fn a_frame_whose_mappings_are_being_removed_is_not_mapped_again() {
     assert_eq!(leaf_mappings_of(&m, old).len(), before);
     check(&m);
 }
+
+/// While a frame waits for the write-access scan (a fault that would shadow it was
+/// answered with a retry), a write to it through a mapping the scan has not reached is
+/// emulated: the guest makes progress and no writable mapping is made behind the cursor.
+#[test]
+fn a_write_to_a_frame_waiting_for_the_scan_is_emulated() {
+    let config = DomainConfig {
+        scan_budget: 256,
+        ..hvm(PagingLevels::Four, 1, 512)
+    };
+    let mut m = ShadowMachine::new(1 << 15, config).unwrap();
+    m.add_ram(Gfn::new(0), 128).unwrap();
+    let mut t = Tables::new(PagingLevels::Four, FIRST_TABLE, 128);
+    let cr3 = t.new_root(0);
+    for i in 0..40u64 {
+        t.map(&mut m, cr3, i << 21, SHARED, DATA);
+    }
+    set_mode(&mut m, 0, PagingLevels::Four, cr3);
+    for i in 0..40u64 {
+        read_u64(&mut m, 0, i << 21).unwrap();
+    }
+    // SHARED becomes the L1 table of a new region.
+    const REGION: u64 = 0x40_0000_0000;
+    let pde = t.slot(&mut m, cr3, REGION, 2);
+    t.write(&mut m, pde, (SHARED << 12) | TABLE);
+    let shared = mfn_of(&m, SHARED);
+    let (outcome, flush) = m
+        .domain_mut()
+        .page_fault(
+            0,
+            shadow2::addr::Gva::new(REGION),
+            shadow2::paging::PfErrorCode(0),
+        )
+        .unwrap();
+    m.settle(flush);
+    assert_eq!(outcome, shadow2::multi::FaultOutcome::Spurious);
+    assert!(m.domain().write_scan_pending(shared));
+    let emulated = m.domain().stats().fault_emulate;
+    // Region 0's entry was the first the scan made read-only.
+    write_u64(&mut m, 0, 0x10, VALUE).unwrap();
+    assert_eq!(m.domain().stats().fault_emulate, emulated + 1);
+    assert_eq!(read_u64(&mut m, 0, 39 << 21 | 0x10).unwrap(), VALUE);
+    assert!(m.domain().write_scan_pending(shared));
+    check(&m);
+    // The region's retries finish the scan; the frame is then a page table.
+    for _ in 0..1000 {
+        let (outcome, flush) = m
+            .domain_mut()
+            .page_fault(
+                0,
+                shadow2::addr::Gva::new(REGION),
+                shadow2::paging::PfErrorCode(0),
+            )
+            .unwrap();
+        m.settle(flush);
+        if outcome != shadow2::multi::FaultOutcome::Spurious {
+            break;
+        }
+    }
+    assert!(m.domain().shadows().is_page_table(shared));
+    check(&m);
+}
+
+/// Unshadowing a page table linked from a great many upper shadows (the up pointer finds
+/// one link; the others need the scan of every upper shadow) goes in bounded calls, and
+/// meanwhile nothing links the shadow again.
+#[test]
+fn unshadowing_a_widely_linked_table_is_bounded_at_the_largest_pool() {
+    const UPPERS: u64 = 1536;
+    const X: u64 = 9;
+    let config = hvm(PagingLevels::Four, 1, DomainConfig::MAX_POOL_PAGES);
+    let ram = FIRST_TABLE + UPPERS + 16;
+    let frames = (DomainConfig::MAX_POOL_PAGES as u64 + ram + 4096).next_power_of_two();
+    let mut m = ShadowMachine::new(frames, config).unwrap();
+    m.add_ram(Gfn::new(0), ram).unwrap();
+    let mut t = Tables::new(PagingLevels::Four, FIRST_TABLE, ram);
+    let cr3 = t.new_root(0);
+    // X is the L1 table of region 0 of every 1 GiB slot, each slot with its own L2.
+    let l1 = X << 12;
+    t.write(&mut m, l1, (SHARED << 12) | DATA);
+    for i in 0..UPPERS {
+        let pde = t.slot(&mut m, cr3, i << 30, 2);
+        t.write(&mut m, pde, l1 | TABLE);
+    }
+    set_mode(&mut m, 0, PagingLevels::Four, cr3);
+    for i in 0..UPPERS {
+        read_u64(&mut m, 0, i << 30).unwrap();
+    }
+    let x = mfn_of(&m, X);
+    let refs: u64 = m
+        .domain()
+        .shadows()
+        .of_frame(x)
+        .map(|(_, h)| u64::from(m.domain().shadows().info(h).unwrap().refs))
+        .sum();
+    assert_eq!(refs, UPPERS);
+    let mut calls = 0;
+    let flush = loop {
+        calls += 1;
+        match m.domain_mut().unshadow_page(Gfn::new(X)) {
+            Ok(flush) => break flush,
+            Err(EngineError::Preempted) => {
+                assert_bounded(&m);
+                check(&m);
+                // A fault on a region not yet unhooked does not link the shadow again.
+                let linked = |m: &ShadowMachine| {
+                    m.domain()
+                        .shadows()
+                        .of_frame(x)
+                        .map(|(_, h)| m.domain().shadows().info(h).unwrap().refs)
+                        .sum::<u32>()
+                };
+                let before = linked(&m);
+                let (_, flush) = m
+                    .domain_mut()
+                    .page_fault(
+                        0,
+                        shadow2::addr::Gva::new(0),
+                        shadow2::paging::PfErrorCode(0),
+                    )
+                    .unwrap();
+                m.settle(flush);
+                assert!(linked(&m) <= before);
+            }
+            Err(e) => panic!("unshadow failed: {e}"),
+        }
+        assert!(calls < 1000, "unshadow makes no progress");
+    };
+    assert_bounded(&m);
+    m.settle(flush);
+    assert!(calls >= 3, "{calls} calls: the scan fit in one call");
+    assert!(!m.domain().shadows().is_page_table(x));
+    check(&m);
+    assert_eq!(
+        read_u64(&mut m, 0, (UPPERS - 1) << 30).unwrap(),
+        VALUE_AT_SHARED
+    );
+    check(&m);
+}
+
+/// What SHARED holds in the test above (written through guest memory).
+const VALUE_AT_SHARED: u64 = 0;

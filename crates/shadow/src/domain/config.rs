@@ -69,7 +69,7 @@ pub struct DomainConfig {
     pub teardown: TeardownHints,
     /// Shadow and p2m entries one engine call may read or write in a long operation
     /// (removing every mapping of a frame, enabling log-dirty, a teardown step...) before
-    /// it stops and leaves a continuation (see [`crate::domain`], "Bounded work"). Every
+    /// it stops and leaves a continuation (see the crate documentation, "Bounded work"). Every
     /// call does at most this much plus [`DomainConfig::CALL_WORK_SLACK`].
     pub call_work_budget: usize,
 }

@@ -393,7 +393,14 @@ impl<H: MachineMemory> Domain<H> {
                     if d.out_of_work() {
                         return Ok(ResizeProgress::More);
                     }
-                    if d.reap_one()? || d.vacate_chunk()? || d.evict_one()? {
+                    let progressed = d.reap_one()?
+                        || match d.vacate_chunk() {
+                            // Its unhooking scan goes on in the next step.
+                            Err(EngineError::Preempted) => return Ok(ResizeProgress::More),
+                            other => other?,
+                        }
+                        || d.evict_one()?;
+                    if progressed {
                         freed = true;
                     } else {
                         break;

@@ -103,14 +103,10 @@ impl<H: MachineMemory> Domain<H> {
                 "shadow entry write outside any shadow",
             ))?;
         let width = self.sentry_bytes();
-        let new = if kind.is_leaf_table()
-            && self
-                .sentry_frame(new)
-                .is_some_and(|m| self.mapping_blocked(m))
-        {
-            0
+        let new = if kind.is_leaf_table() {
+            self.admit_leaf(new)
         } else {
-            new
+            self.admit_upper(new)
         };
         let old = self.host.read_entry(slot, width)?;
         self.stats.add_work(1);
@@ -169,7 +165,11 @@ impl<H: MachineMemory> Domain<H> {
     /// writable mapping of it first.
     pub(crate) fn get_or_create(&mut self, key: ShadowKey) -> Result<(Mfn, bool), EngineError> {
         if let Some(head) = self.store.lookup(&key) {
-            return Ok((head, false));
+            if !self.being_unhooked(head) {
+                return Ok((head, false));
+            }
+            // Its unshadow waits for a scan: this call goes on with it, then makes anew.
+            self.continue_unshadow(head)?;
         }
         let order = key.kind.order(self.config.shadow_levels);
         let head = self.take_block(order)?;

@@ -453,7 +453,7 @@ where
                 )));
             }
             let wp0_write = !t.perms.write;
-            if d.store.is_page_table(mfn) || wp0_write {
+            if d.store.is_page_table(mfn) || wp0_write || d.write_scan_pending(mfn) {
                 return Ok(FaultOutcome::Emulate {
                     gpa: Self::gpa_of(gfn, va.raw()),
                 });

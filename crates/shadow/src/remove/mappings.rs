@@ -32,6 +32,23 @@ impl<H: MachineMemory> Domain<H> {
         self.remove.mappings.is_some_and(|r| r.mfn == mfn)
     }
 
+    /// The leaf entry `new` as the searches under way let it be written: nothing for a
+    /// frame whose mappings are being removed, no write access to a frame waiting for the
+    /// write-access scan. So a search's one pass is complete: what it looks for cannot be
+    /// made again behind its cursor.
+    pub(crate) fn admit_leaf(&self, new: u64) -> u64 {
+        let Some(mfn) = self.sentry_frame(new) else {
+            return new;
+        };
+        if self.mapping_blocked(mfn) {
+            0
+        } else if new & crate::paging::bits::RW != 0 && self.remove.scan.is_pending(mfn) {
+            new & !crate::paging::bits::RW
+        } else {
+            new
+        }
+    }
+
     /// Removes every shadow mapping of guest frame `mfn`, in bounded steps: returns
     /// [`EngineError::Preempted`] when the call's budget is spent first (call the operation
     /// again). The writable count, which must be zero at the end, checks the scan.

@@ -47,11 +47,27 @@ impl<H: MachineMemory> Domain<H> {
         cursor: &mut SweepCursor,
         budget: u64,
         which: impl Fn(&ShadowInfo) -> bool,
+        pick: impl FnMut(&Self, Maddr, u64) -> Option<u64>,
+    ) -> Result<SweepEnd, EngineError> {
+        self.sweep_shadows_until(cursor, budget, which, |_| false, pick)
+    }
+
+    /// [`Domain::sweep_shadows`] that also stops, before each shadow, once `done` holds
+    /// (the step then ends with [`SweepEnd::Budget`], the cursor where it stopped).
+    pub(crate) fn sweep_shadows_until(
+        &mut self,
+        cursor: &mut SweepCursor,
+        budget: u64,
+        which: impl Fn(&ShadowInfo) -> bool,
+        done: impl Fn(&Self) -> bool,
         mut pick: impl FnMut(&Self, Maddr, u64) -> Option<u64>,
     ) -> Result<SweepEnd, EngineError> {
         let width = self.sentry_bytes();
         let mut left = budget.max(1);
         loop {
+            if done(self) {
+                return Ok(SweepEnd::Budget);
+            }
             let mut next = None;
             let mut skipped = 0;
             let mut after_skipped = None;
