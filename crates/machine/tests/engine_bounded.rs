@@ -40,6 +40,8 @@ fn busy(
 ) -> (ShadowMachine, u64) {
     let config = DomainConfig {
         call_work_budget: budget,
+        // The scans are what these tests bound (a reverse map needs none).
+        reverse_map: false,
         ..hvm(shadow, 1, pool)
     };
     let ram = FIRST_TABLE + tables + tables / 256 + 8;
@@ -314,6 +316,7 @@ fn a_frame_whose_mappings_are_being_removed_is_not_mapped_again() {
 fn a_write_to_a_frame_waiting_for_the_scan_is_emulated() {
     let config = DomainConfig {
         scan_budget: 256,
+        reverse_map: false,
         ..hvm(PagingLevels::Four, 1, 512)
     };
     let mut m = ShadowMachine::new(1 << 15, config).unwrap();
@@ -448,3 +451,75 @@ fn unshadowing_a_widely_linked_table_is_bounded_at_the_largest_pool() {
 
 /// What SHARED holds in the test above (written through guest memory).
 const VALUE_AT_SHARED: u64 = 0;
+
+/// A clean re-protects the p2m entries a vcpu with paging disabled made writable within
+/// its step budget too; a page written between steps through an entry not re-protected yet
+/// is in the next clean's bitmap.
+#[test]
+fn a_clean_re_protects_p2m_entries_in_bounded_steps() {
+    const PAGES: u64 = 64;
+    const BUDGET: usize = 8;
+    let mut m = machine(hvm(PagingLevels::Four, 1, 64), 128);
+    set_mode(&mut m, 0, PagingLevels::Zero, 0);
+    let flush = m.domain_mut().enable_log_dirty().unwrap();
+    m.settle(flush);
+    for gfn in 10..10 + PAGES {
+        write_u64(&mut m, 0, gfn << 12, gfn).unwrap();
+    }
+    check(&m);
+    let last = 10 + PAGES - 1;
+    let mut steps = 0;
+    let first = loop {
+        steps += 1;
+        let (progress, flush) = m.domain_mut().clean_step(BUDGET).unwrap();
+        m.settle(flush);
+        check(&m);
+        if steps == 1 {
+            // The last page's entry is still writable: this write is not seen by a fault.
+            let faults = m.domain().stats().faults;
+            write_u64(&mut m, 0, last << 12, 1).unwrap();
+            assert_eq!(m.domain().stats().faults, faults);
+        }
+        if let shadow2::domain::CleanProgress::Done(bitmap) = progress {
+            break bitmap;
+        }
+    };
+    assert!(steps >= PAGES as usize / BUDGET, "{steps} steps");
+    assert_eq!(first.count(), PAGES as usize);
+    let (second, flush) = m.domain_mut().clean_dirty().unwrap();
+    m.settle(flush);
+    assert!(second.contains(Gfn::new(last)));
+    check(&m);
+}
+
+/// With a reverse map, a frame mapped more often than the budget has its mappings removed
+/// over several calls too.
+#[test]
+fn with_a_reverse_map_removing_many_mappings_is_bounded() {
+    if !hvm(PagingLevels::Four, 1, 64).reverse_map {
+        // The engine was built without its reverse map: nothing to check here.
+        return;
+    }
+    for pair in PAGING_PAIRS {
+        let (levels, shadow) = (pair.guest(), pair.shadow());
+        let config = DomainConfig {
+            call_work_budget: 8,
+            reverse_map: true,
+            ..hvm(shadow, 1, 512)
+        };
+        let mut m = ShadowMachine::new(1 << 15, config).unwrap();
+        m.add_ram(Gfn::new(0), 128).unwrap();
+        let mut t = Tables::new(levels, FIRST_TABLE, 128);
+        let cr3 = t.new_root(0);
+        for i in 0..40u64 {
+            t.map(&mut m, cr3, i * region(levels), SHARED, DATA);
+        }
+        set_mode(&mut m, 0, levels, cr3);
+        for i in 0..40u64 {
+            read_u64(&mut m, 0, i * region(levels)).unwrap();
+        }
+        let calls = remap_shared_in_steps(&mut m, VALUE + 4);
+        assert!(calls >= 5, "{pair:?}: {calls} calls");
+        assert_eq!(read_u64(&mut m, 0, 0).unwrap(), VALUE + 4, "{pair:?}");
+    }
+}

@@ -384,15 +384,14 @@ fn audit_p2m<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                 bad.push((gfn.raw(), "p2m maps a pool or hypervisor frame"));
             }
             if entry.writable {
-                if !d.p2m_writable.contains(&gfn) {
+                if !d.p2m_writable.contains(&gfn) && !d.awaits_p2m_reprotect(gfn) {
                     bad.push((gfn.raw(), "writable p2m entry not recorded"));
                 }
                 if d.store.is_page_table(entry.mfn) {
                     bad.push((gfn.raw(), "p2m maps a shadowed page table writable"));
                 }
-                if d.log_dirty
-                    .as_ref()
-                    .is_some_and(|l| !l.is_dirty(gfn) && !l.is_enabling())
+                if d.log_dirty.as_ref().is_some_and(|l| !l.is_dirty(gfn))
+                    && !d.awaits_p2m_reprotect(gfn)
                 {
                     bad.push((
                         gfn.raw(),

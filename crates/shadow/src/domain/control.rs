@@ -5,7 +5,7 @@ use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use super::{Domain, EngineError};
-use crate::addr::{Maddr, Mfn};
+use crate::addr::{Gfn, Maddr, Mfn};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
 use crate::log_dirty::{DirtyBitmap, DirtyLog, Enabling};
@@ -79,6 +79,8 @@ pub enum CleanProgress {
 pub(crate) struct Cleaning {
     snapshot: DirtyBitmap,
     to_protect: BTreeSet<Maddr>,
+    /// Writable p2m entries (vcpus with paging disabled) to re-protect.
+    p2m_to_protect: BTreeSet<Gfn>,
     steps: usize,
 }
 
@@ -91,6 +93,15 @@ impl<H: MachineMemory> Domain<H> {
             .as_ref()
             .is_some_and(|c| c.to_protect.contains(&slot))
             || self.awaits_enable_protect(slot)
+    }
+
+    /// Whether the p2m entry of `gfn` is writable only because a clean in progress, or
+    /// enabling log-dirty mode, has not re-protected it yet.
+    pub(crate) fn awaits_p2m_reprotect(&self, gfn: Gfn) -> bool {
+        self.cleaning
+            .as_ref()
+            .is_some_and(|c| c.p2m_to_protect.contains(&gfn))
+            || self.log_dirty.as_ref().is_some_and(DirtyLog::is_enabling)
     }
 
     /// Whether the shadow entry at `slot` is writable only because enabling log-dirty mode
@@ -251,9 +262,9 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Marks dirty a guest frame of machine frame `mfn` (every guest frame mapping it).
     fn mark_frame_dirty(&mut self, mfn: Mfn) {
-        let gfns: Vec<crate::addr::Gfn> = match self.m2p.get(&mfn) {
+        let gfns: Vec<Gfn> = match self.m2p.get(&mfn) {
             Some(set) => set.iter().copied().collect(),
-            None => alloc::vec![crate::addr::Gfn::new(mfn.raw())],
+            None => alloc::vec![Gfn::new(mfn.raw())],
         };
         for gfn in gfns {
             self.mark_dirty(gfn);
@@ -295,10 +306,10 @@ impl<H: MachineMemory> Domain<H> {
                     log.cleans += 1;
                     let snapshot = core::mem::take(&mut log.dirty);
                     let to_protect = core::mem::take(&mut log.writable_slots);
-                    d.protect_p2m_writable()?;
                     Cleaning {
                         snapshot,
                         to_protect,
+                        p2m_to_protect: core::mem::take(&mut d.p2m_writable),
                         steps: 0,
                     }
                 }
@@ -306,17 +317,26 @@ impl<H: MachineMemory> Domain<H> {
             let later_step = cleaning.steps > 0;
             cleaning.steps += 1;
             for _ in 0..budget.max(1) {
-                let Some(slot) = cleaning.to_protect.pop_first() else {
+                if let Some(slot) = cleaning.to_protect.pop_first() {
+                    if let Some(gfn) = d.protect_slot(slot)?
+                        && later_step
+                    {
+                        d.mark_dirty(gfn);
+                    }
+                } else if let Some(gfn) = cleaning.p2m_to_protect.pop_first() {
+                    if let Some(p2m) = d.p2m.as_mut() {
+                        p2m.set_writable(&mut d.host, gfn, false)?;
+                    }
+                    d.stats.add_work(1);
+                    if later_step {
+                        d.mark_dirty(gfn);
+                    }
+                } else {
                     break;
-                };
-                if let Some(gfn) = d.protect_slot(slot)?
-                    && later_step
-                {
-                    d.mark_dirty(gfn);
                 }
             }
             d.pending_flush = d.all_vcpus();
-            if cleaning.to_protect.is_empty() {
+            if cleaning.to_protect.is_empty() && cleaning.p2m_to_protect.is_empty() {
                 Ok(CleanProgress::Done(cleaning.snapshot))
             } else {
                 d.cleaning = Some(cleaning);
@@ -360,16 +380,6 @@ impl<H: MachineMemory> Domain<H> {
             .get(&mfn)
             .and_then(|s| s.iter().next().copied())
             .or(Some(crate::addr::Gfn::new(mfn.raw()))))
-    }
-
-    fn protect_p2m_writable(&mut self) -> Result<(), EngineError> {
-        let gfns: BTreeSet<_> = core::mem::take(&mut self.p2m_writable);
-        if let Some(p2m) = self.p2m.as_mut() {
-            for gfn in gfns {
-                p2m.set_writable(&mut self.host, gfn, false)?;
-            }
-        }
-        Ok(())
     }
 
     /// One bounded step towards a pool of `pages` pages: grows from the host, or shrinks by
