@@ -435,19 +435,18 @@ impl<H: MachineMemory> Domain<H> {
     /// is using: its shadows are unpinned, unhooked from their parents and torn down, so
     /// that shrinking gives back exactly the chunks it asked to vacate.
     fn vacate_chunk(&mut self) -> Result<bool, EngineError> {
-        let mut chunks: Vec<(usize, Mfn)> = self
-            .pool
-            .chunks()
-            .filter(|&(_, used)| used > 0)
-            .map(|(base, used)| (used, base))
-            .collect();
-        chunks.sort();
         let chunk_of = |m: Mfn| m.raw() >> crate::pool::CHUNK_ORDER;
-        for (_, base) in chunks {
+        // Chunks holding a top some vcpu runs on are skipped: at most a few per vcpu.
+        let candidates: Vec<Mfn> = self
+            .pool
+            .chunks_by_least_use()
+            .take(6 * self.vcpus.len() + 1)
+            .collect();
+        for base in candidates {
             let heads: Vec<Mfn> = self
                 .store
-                .shadows()
-                .filter(|(h, _)| chunk_of(*h) == chunk_of(base))
+                .shadows_from(base)
+                .take_while(|(h, _)| chunk_of(*h) == chunk_of(base))
                 .map(|(h, _)| h)
                 .collect();
             if heads.iter().any(|&h| self.in_use(h)) {
