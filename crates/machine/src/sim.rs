@@ -682,9 +682,10 @@ impl ShadowMachine {
                     }
                 }
                 (Some(Stop::Emulate(gpa)), _) => {
-                    let (outcome, flush) =
-                        timed(&mut self.engine_time, || self.domain.emulate(v, regs, gpa))
-                            .map_err(GuestError::Engine)?;
+                    let (outcome, flush) = timed(&mut self.engine_time, || {
+                        retry_preempted(|| self.domain.emulate(v, regs, gpa))
+                    })
+                    .map_err(GuestError::Engine)?;
                     self.settle(flush);
                     // The engine changed guest page tables: a correct guest's own TLB
                     // discipline follows such writes; the shadows were updated in place.

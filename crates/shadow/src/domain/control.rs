@@ -27,7 +27,7 @@ pub enum ShadowOp {
     DisableLogDirty,
     /// One bounded step of a clean: the bitmap comes back (and is reset) when done.
     Clean {
-        /// Shadow entries to re-protect in this step.
+        /// Shadow entries (and as many p2m entries) to re-protect in this step.
         budget: usize,
     },
     /// The bitmap, without resetting it.
@@ -283,9 +283,10 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// One bounded step of a clean: re-protects at most `budget` of the shadow entries made
-    /// writable since the last clean, and returns the bitmap (reset) when all are done. If
-    /// the guest runs between steps, every page re-protected in a later step is counted
-    /// dirty again for the next round (it may have been written meanwhile).
+    /// writable since the last clean and as many writable p2m entries, and returns the
+    /// bitmap (reset) when all are done. If the guest runs between steps, every page
+    /// re-protected in a later step is counted dirty again for the next round (it may have
+    /// been written meanwhile).
     pub fn clean_step(&mut self, budget: usize) -> Result<(CleanProgress, Flush), EngineError> {
         if self.log_dirty.is_none() {
             return Err(EngineError::BadArgument("log-dirty mode is off"));
@@ -317,22 +318,26 @@ impl<H: MachineMemory> Domain<H> {
             let later_step = cleaning.steps > 0;
             cleaning.steps += 1;
             for _ in 0..budget.max(1) {
-                if let Some(slot) = cleaning.to_protect.pop_first() {
-                    if let Some(gfn) = d.protect_slot(slot)?
-                        && later_step
-                    {
-                        d.mark_dirty(gfn);
-                    }
-                } else if let Some(gfn) = cleaning.p2m_to_protect.pop_first() {
-                    if let Some(p2m) = d.p2m.as_mut() {
-                        p2m.set_writable(&mut d.host, gfn, false)?;
-                    }
-                    d.stats.add_work(1);
-                    if later_step {
-                        d.mark_dirty(gfn);
-                    }
-                } else {
+                let Some(slot) = cleaning.to_protect.pop_first() else {
                     break;
+                };
+                if let Some(gfn) = d.protect_slot(slot)?
+                    && later_step
+                {
+                    d.mark_dirty(gfn);
+                }
+            }
+            // As many writable p2m entries (vcpus with paging disabled).
+            for _ in 0..budget.max(1) {
+                let Some(gfn) = cleaning.p2m_to_protect.pop_first() else {
+                    break;
+                };
+                if let Some(p2m) = d.p2m.as_mut() {
+                    p2m.set_writable(&mut d.host, gfn, false)?;
+                }
+                d.stats.add_work(1);
+                if later_step {
+                    d.mark_dirty(gfn);
                 }
             }
             d.pending_flush = d.all_vcpus();

@@ -45,6 +45,17 @@ impl<H: MachineMemory> Domain<H> {
         Ok(())
     }
 
+    /// [`Domain::unshadow`] for a heuristic, after the write that prompted it is done (so
+    /// the call cannot be retried): when the unhooking scan runs out of budget it stays
+    /// pending (the shadow stays hashed and in sync, and nothing links it again; a lookup
+    /// that meets it goes on with it), and the call succeeds.
+    pub(crate) fn unshadow_hinted(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        match self.unshadow(mfn) {
+            Err(EngineError::Preempted) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Unshadows one shadow (see [`Domain::unshadow`]).
     fn unshadow_one(&mut self, head: Mfn) -> Result<(), EngineError> {
         for v in 0..self.vcpus.len() {
