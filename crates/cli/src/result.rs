@@ -73,6 +73,8 @@ pub struct RunResult {
     pub pool_pages: u64,
     /// The most pool pages in use at once.
     pub pool_peak_pages: u64,
+    /// The most work one engine call did (shadow and p2m entries read or written).
+    pub max_call_work: u64,
     /// Accesses whose outcome differed from the guest oracle's.
     pub oracle_mismatches: u64,
     /// Invariant violations the auditor found.
@@ -217,6 +219,10 @@ impl RunResult {
                 num(self.pool_peak_pages, "pages".into()),
             ),
             ("evictions".into(), num(self.evictions, String::new())),
+            (
+                "max call work".into(),
+                num(self.max_call_work, "entries".into()),
+            ),
             (
                 "oracle mismatches".into(),
                 num(self.oracle_mismatches, String::new()),
@@ -497,6 +503,7 @@ mod tests {
             "evictions",
             "pool_pages",
             "pool_peak_pages",
+            "max_call_work",
             "oracle_mismatches",
             "audit_violations",
             "engine_s",

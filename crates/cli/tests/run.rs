@@ -44,6 +44,7 @@ fn check_clean(v: &serde_json::Value) {
         "oracle_mismatches",
         "pool_peak_pages",
         "evictions",
+        "max_call_work",
         "wall_s",
     ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
@@ -54,6 +55,14 @@ fn check_clean(v: &serde_json::Value) {
     assert_eq!(v["oracle_mismatches"].as_u64(), Some(0));
     assert_eq!(v["audit_violations"].as_u64(), Some(0));
     assert_eq!(v["data_errors"].as_u64(), Some(0));
+    // Every engine call did some work, and none more than the default bound.
+    let work = v["max_call_work"].as_u64().unwrap();
+    assert!(work > 0, "max_call_work {work}");
+    assert!(
+        work <= shadow2::DomainConfig::hvm(shadow2::paging::PagingLevels::Four, 1, 64)
+            .call_work_bound(),
+        "max_call_work {work}"
+    );
 }
 
 #[test]
@@ -113,6 +122,7 @@ fn a_pair_alone_picks_its_guest_and_the_summary_is_a_table() {
     assert!(text.contains("legacy32"), "{text}");
     assert!(text.contains("oracle mismatches"), "{text}");
     assert!(text.contains("traps: emulated_writes"), "{text}");
+    assert!(text.contains("max call work"), "{text}");
 }
 
 #[test]

@@ -103,6 +103,8 @@ pub struct SimReport {
     pub pool_peak_pages: usize,
     /// Top-level shadows unpinned to make room (the engine's `evictions`).
     pub evictions: u64,
+    /// The most work one engine call did (the engine's `max_call_work`).
+    pub max_call_work: u64,
     /// Pages whose shadows were all removed (the engine's `unshadows`). This includes the
     /// pages unshadowed by the fork/exit heuristic (`early_unshadows`) and by the teardown
     /// hints (`teardown_zeroed`, `teardown_data`): each of those is also one unshadow.
@@ -223,6 +225,7 @@ impl SimBackend {
             pool_pages: domain.pool().total_pages(),
             pool_peak_pages: domain.pool().peak_used_pages(),
             evictions: stats.evictions,
+            max_call_work: stats.max_call_work,
             unshadows: stats.unshadows,
             engine_seconds: self
                 .machine

@@ -121,6 +121,9 @@ fn timed<R>(total: &mut Duration, f: impl FnOnce() -> R) -> R {
 const MISMATCH_LOG: usize = 16;
 /// A hardware access that needs more engine rounds than this is reported.
 const MAX_ROUNDS: usize = 8;
+/// An engine call preempted this many times in a row has stopped making progress (each
+/// call's work is bounded, so a long search takes at most pool pages / budget rounds).
+const MAX_PREEMPTIONS: usize = 1 << 16;
 
 impl ShadowMachine {
     /// A machine of `machine_frames` frames running a new domain.
@@ -216,11 +219,18 @@ impl ShadowMachine {
     ) -> Result<R, EngineError> {
         let result = timed(&mut self.engine_time, || f(&mut self.domain));
         if result.is_err() {
-            let flush = self.domain.take_flush();
-            self.settle(flush);
-            self.restore_roots();
+            self.settle_failed_call();
         }
         result
+    }
+
+    /// What a host does after an engine call failed (or was preempted): takes the flush
+    /// the call owes and carries it out, then gives roots back to vcpus that lost theirs.
+    /// Tests that call the domain directly use it as the host would.
+    pub fn settle_failed_call(&mut self) {
+        let flush = self.domain.take_flush();
+        self.settle(flush);
+        self.restore_roots();
     }
 
     /// Gives roots back to vcpus that a failed call left without one, carrying out the
@@ -289,7 +299,9 @@ impl ShadowMachine {
         self.traps.mode_changes += 1;
         self.call(|d| d.set_control(v, ctl))
             .map_err(GuestError::Engine)?;
-        let flush = self.retrying(|d| d.update_paging_modes(v))?;
+        let flush = self
+            .retrying(|d| d.update_paging_modes(v))
+            .map_err(refused_control)?;
         self.settle(flush);
         Ok(())
     }
@@ -305,31 +317,27 @@ impl ShadowMachine {
             .map_err(GuestError::Engine)?;
         // `update_cr3` always asks for the hardware root to be reloaded, and the reload
         // flushes the whole TLB: the CR3 load's own flush is part of it.
-        let flush = self.retrying(|d| d.update_cr3(v))?;
+        let flush = self
+            .retrying(|d| d.update_cr3(v))
+            .map_err(refused_control)?;
         self.settle(flush);
         Ok(())
     }
 
-    /// A control-register write through the engine, re-executed as hardware re-executes a
-    /// trapping instruction while the engine answers `Preempted` (it needed a flush
-    /// carried out, or a bounded search to go on, first).
-    fn retrying(
+    /// A guest-triggered engine call, re-executed as hardware re-executes a trapping
+    /// instruction while the engine answers `Preempted` (it needed a flush carried out, or
+    /// a bounded search to go on, first; it keeps its progress between calls).
+    fn retrying<T>(
         &mut self,
-        mut op: impl FnMut(&mut Domain<SparseMemory>) -> Result<Flush, EngineError>,
-    ) -> Result<Flush, GuestError> {
-        for _ in 0..MAX_ROUNDS {
+        mut op: impl FnMut(&mut Domain<SparseMemory>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        for _ in 0..MAX_PREEMPTIONS {
             match self.call(&mut op) {
-                Ok(flush) => return Ok(flush),
                 Err(EngineError::Preempted) => self.traps.spurious += 1,
-                Err(EngineError::Guest(GuestFault::GeneralProtection)) => {
-                    return Err(GuestError::GeneralProtection);
-                }
-                Err(e) => return Err(GuestError::Engine(e)),
+                other => return other,
             }
         }
-        Err(GuestError::Engine(EngineError::Internal(
-            "a control-register write made no progress",
-        )))
+        Err(EngineError::Internal("an engine call made no progress"))
     }
 
     /// INVLPG.
@@ -731,7 +739,7 @@ impl ShadowMachine {
                 }
                 (Some(Stop::Emulate(gpa)), _) => {
                     let (outcome, flush) = self
-                        .call(|d| d.emulate(v, regs, gpa))
+                        .retrying(|d| d.emulate(v, regs, gpa))
                         .map_err(GuestError::Engine)?;
                     self.settle(flush);
                     // The engine changed guest page tables: a correct guest's own TLB
@@ -762,5 +770,13 @@ fn guest_error(f: EmuFault) -> GuestError {
             code: PfErrorCode(code),
         },
         EmuFault::GeneralProtection => GuestError::GeneralProtection,
+    }
+}
+
+/// The guest's view of a refused control-register write: #GP, or the engine's error.
+fn refused_control(e: EngineError) -> GuestError {
+    match e {
+        EngineError::Guest(GuestFault::GeneralProtection) => GuestError::GeneralProtection,
+        e => GuestError::Engine(e),
     }
 }

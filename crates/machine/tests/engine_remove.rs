@@ -20,10 +20,10 @@ use std::collections::BTreeMap;
 
 use engine_support::*;
 use shadow2::addr::{Gfn, Gva, Mfn};
-use shadow2::domain::DomainConfig;
+use shadow2::domain::{DomainConfig, EngineError};
 use shadow2::multi::{FaultOutcome, Pair};
 use shadow2::p2m::P2mType;
-use shadow2::paging::{PagingLevels, PfErrorCode, bits};
+use shadow2::paging::{ControlState, PagingLevels, PfErrorCode, bits};
 use shadow2::remove::LinearMapHint;
 use shadow2::stats::Stats;
 use shadow2_machine::sim::ShadowMachine;
@@ -457,7 +457,7 @@ fn while_a_scan_is_pending_the_frame_is_not_a_page_table_and_every_step_is_bound
 }
 
 #[test]
-fn a_mapping_recreated_behind_the_cursor_is_found_by_a_pass_finished_in_the_call() {
+fn a_mapping_made_behind_the_cursor_while_the_scan_waits_is_read_only() {
     for pair in PAGING_PAIRS {
         let config = DomainConfig {
             scan_budget: 256,
@@ -481,15 +481,16 @@ fn a_mapping_recreated_behind_the_cursor_is_found_by_a_pass_finished_in_the_call
         let (_, outcome) = fault_until_settled(&mut m, REGION, |m, retries| {
             if retries == 1 {
                 // Between two steps the guest maps F writable again in the L1 shadow the
-                // scan has already been through (another vcpu's write, say).
+                // scan has already been through (another vcpu's write, say): the shadow
+                // entry is made read-only, so the pass under way stays complete.
                 let slot = t.slot(m, cr3, near, 1);
                 t.write(m, slot, (F << 12) | DATA);
-                assert_eq!(m.domain().shadows().frame(f).writable, 2);
+                assert_eq!(m.domain().shadows().frame(f).writable, 1);
             }
         });
         assert_eq!(outcome, FaultOutcome::Fixed, "{pair:?}");
         let d = moved(&m, &s0);
-        assert_eq!(d["write_access_scan_fallbacks"], 1, "{pair:?}: {d:?}");
+        assert_eq!(d["write_access_scan_fallbacks"], 0, "{pair:?}: {d:?}");
         assert_eq!(d["write_access_by_scan"], 1, "{pair:?}");
         assert!(
             leaf_mappings_of(&m, f)
@@ -501,7 +502,7 @@ fn a_mapping_recreated_behind_the_cursor_is_found_by_a_pass_finished_in_the_call
 }
 
 #[test]
-fn a_cr3_load_cannot_wait_and_finishes_its_scan_in_the_call() {
+fn a_cr3_load_scan_goes_on_across_calls_and_changes_nothing_until_done() {
     for pair in PAGING_PAIRS {
         let levels = pair.guest();
         let config = DomainConfig {
@@ -528,10 +529,42 @@ fn a_cr3_load_cannot_wait_and_finishes_its_scan_in_the_call() {
             R << 12
         };
         let s0 = *m.domain().stats();
-        m.set_cr3(0, new_cr3).unwrap();
+        let root = m.domain().vcpu(0).unwrap().root();
+        let old_ctl = *m.domain().vcpu(0).unwrap().control();
+        m.domain_mut()
+            .set_control(
+                0,
+                ControlState {
+                    cr3: new_cr3,
+                    ..old_ctl
+                },
+            )
+            .unwrap();
+        let mut calls = 0u64;
+        let flush = loop {
+            calls += 1;
+            let before = m.domain().stats().scanned_entries;
+            match m.domain_mut().update_cr3(0) {
+                Ok(flush) => break flush,
+                Err(EngineError::Preempted) => {
+                    // The write access removed so far owes a flush, as any failed call.
+                    m.settle_failed_call();
+                    // Nothing changed but the scan's progress: same root, R no page table.
+                    assert_eq!(m.domain().vcpu(0).unwrap().root(), root);
+                    assert!(!m.domain().shadows().is_page_table(r));
+                    assert!(m.domain().write_scan_pending(r));
+                    check(&m);
+                }
+                Err(e) => panic!("{pair:?}: {e}"),
+            }
+            // Each call scans within the budget (plus the shadows it skips).
+            assert!(m.domain().stats().scanned_entries - before <= 256 + 64);
+        };
+        m.settle(flush);
         check(&m);
         let d = moved(&m, &s0);
-        assert_eq!(d["write_access_deferred"], 0, "{pair:?}");
+        assert!(calls >= 3, "{pair:?}: {calls} calls");
+        assert_eq!(d["write_access_deferred"], calls - 1, "{pair:?}");
         assert_eq!(d["write_access_by_scan"], 1, "{pair:?}");
         assert!(d["scanned_entries"] > 256, "{pair:?}");
         assert!(m.domain().shadows().is_page_table(r));

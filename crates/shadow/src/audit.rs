@@ -185,7 +185,7 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                 Ok(None) => r.fail("shadow entry present where the guest has none", slot.raw()),
                 Ok(Some(x)) => {
                     if is_magic(e) || is_magic(x) {
-                        if e != x {
+                        if e != x && !stale_mmio_magic(d, e) {
                             r.fail("magic entry disagrees with guest entry and p2m", slot.raw());
                         }
                     } else if !(within(e, x, width)
@@ -384,13 +384,15 @@ fn audit_p2m<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                 bad.push((gfn.raw(), "p2m maps a pool or hypervisor frame"));
             }
             if entry.writable {
-                if !d.p2m_writable.contains(&gfn) {
+                if !d.p2m_writable.contains(&gfn) && !d.awaits_p2m_reprotect(gfn) {
                     bad.push((gfn.raw(), "writable p2m entry not recorded"));
                 }
                 if d.store.is_page_table(entry.mfn) {
                     bad.push((gfn.raw(), "p2m maps a shadowed page table writable"));
                 }
-                if d.log_dirty.as_ref().is_some_and(|l| !l.is_dirty(gfn)) {
+                if d.log_dirty.as_ref().is_some_and(|l| !l.is_dirty(gfn))
+                    && !d.awaits_p2m_reprotect(gfn)
+                {
                     bad.push((
                         gfn.raw(),
                         "p2m maps a clean page writable in log-dirty mode",
@@ -409,4 +411,13 @@ fn audit_p2m<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
             }
         }
     }
+}
+
+/// Whether `e` is a fast-path MMIO entry whose guest frame has become RAM since: it maps
+/// nothing, and the fast path treats it as a miss (see `Domain::mmio_magic_stale`).
+fn stale_mmio_magic<H: MachineMemory>(d: &Domain<H>, e: u64) -> bool {
+    matches!(
+        crate::domain::entries::decode_magic(e),
+        Some(crate::domain::entries::Magic::Mmio(gfn, _)) if d.mmio_magic_stale(crate::addr::Gfn::new(gfn))
+    )
 }

@@ -67,6 +67,17 @@ pub struct DirtyLog {
     pub(crate) writable_slots: BTreeSet<Maddr>,
     /// Clean operations done.
     pub(crate) cleans: u64,
+    /// Enabling under way: write access is being removed in bounded steps.
+    pub(crate) enabling: Option<Enabling>,
+}
+
+/// Log-dirty mode being enabled: where the pass removing write access from every shadow L1
+/// entry stands, and how many steps it took so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Enabling {
+    pub(crate) cursor: crate::remove::sweep::SweepCursor,
+    pub(crate) leaves_done: bool,
+    pub(crate) steps: u64,
 }
 
 impl DirtyLog {
@@ -77,6 +88,10 @@ impl DirtyLog {
     /// The current bitmap.
     pub fn bitmap(&self) -> &DirtyBitmap {
         &self.dirty
+    }
+    /// Whether enabling is still under way (some entries may still be writable).
+    pub fn is_enabling(&self) -> bool {
+        self.enabling.is_some()
     }
 }
 

@@ -308,6 +308,15 @@ impl Pool {
             .find_map(|set| set.first().copied())
     }
 
+    /// The first frames of the chunks in use, fewest frames in use first (the same order
+    /// as chunks with equal use are visited by frame); lazily, so taking the first few
+    /// costs no more than a few lookups.
+    pub fn chunks_by_least_use(&self) -> impl Iterator<Item = Mfn> + '_ {
+        self.chunks_by_use[1..]
+            .iter()
+            .flat_map(|set| set.iter().copied())
+    }
+
     /// Verifies that the chunk states, the free lists, the per-use chunk sets and the totals
     /// agree. Costs O(n log n) in the pool size; meant for the auditor and tests.
     pub fn check(&self) -> Result<(), PoolError> {

@@ -96,12 +96,20 @@ pub struct Stats {
     pub flushes: u64,
     /// Pages marked dirty in log-dirty mode.
     pub dirty_marked: u64,
+    /// The most work any one engine call did: shadow and p2m entries read or written by
+    /// its scans and entry writes (see [`Stats::last_call_work`]). Bounded by
+    /// [`DomainConfig::call_work_budget`](crate::DomainConfig::call_work_budget) plus a
+    /// small constant per call.
+    pub max_call_work: u64,
+    /// The work of the last engine call (reset when a call starts). Not a counter, so not
+    /// among [`Stats::fields`].
+    pub last_call_work: u64,
 }
 
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 44] {
+    pub fn fields(&self) -> [(&'static str, u64); 45] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
@@ -153,6 +161,18 @@ impl Stats {
             ("teardown_data", self.teardown_data),
             ("flushes", self.flushes),
             ("dirty_marked", self.dirty_marked),
+            ("max_call_work", self.max_call_work),
         ]
+    }
+
+    /// Counts `entries` shadow or p2m entries read or written by the call in progress.
+    pub(crate) fn add_work(&mut self, entries: u64) {
+        self.last_call_work = self.last_call_work.saturating_add(entries);
+        self.max_call_work = self.max_call_work.max(self.last_call_work);
+    }
+
+    /// A new engine call starts: its work is counted from zero.
+    pub(crate) fn start_call(&mut self) {
+        self.last_call_work = 0;
     }
 }

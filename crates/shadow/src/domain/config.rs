@@ -67,6 +67,11 @@ pub struct DomainConfig {
     /// Per-guest-OS teardown hints (seed future optimisation 5): when to unshadow a page
     /// table a guest is recycling.
     pub teardown: TeardownHints,
+    /// Shadow and p2m entries one engine call may read or write in a long operation
+    /// (removing every mapping of a frame, enabling log-dirty, a teardown step...) before
+    /// it stops and leaves a continuation (see the crate documentation, "Bounded work"). Every
+    /// call does at most this much plus [`DomainConfig::CALL_WORK_SLACK`].
+    pub call_work_budget: usize,
 }
 
 impl DomainConfig {
@@ -89,6 +94,7 @@ impl DomainConfig {
             scan_budget: DomainConfig::DEFAULT_SCAN_BUDGET,
             early_unshadow_writes: DomainConfig::DEFAULT_EARLY_UNSHADOW_WRITES,
             teardown: TeardownHints::NONE,
+            call_work_budget: DomainConfig::DEFAULT_CALL_WORK_BUDGET,
         }
     }
 
@@ -98,6 +104,24 @@ impl DomainConfig {
 
     /// The default [`DomainConfig::early_unshadow_writes`].
     pub const DEFAULT_EARLY_UNSHADOW_WRITES: u32 = 4;
+
+    /// The largest shadow pool a domain may have (1 GiB of shadow memory).
+    pub const MAX_POOL_PAGES: usize = 1 << 18;
+
+    /// The default [`DomainConfig::call_work_budget`]: 128 Ki entries, as many as a page
+    /// fault's share of the write-access scan.
+    pub const DEFAULT_CALL_WORK_BUDGET: usize = 1 << 17;
+
+    /// The work a call may do beyond its budget, whatever the pool size: the short
+    /// operations themselves (a fault's fill, a validated write into each shadow of the
+    /// page, eight dying shadows torn down at the end of the call, the last shadow a step
+    /// starts on).
+    pub const CALL_WORK_SLACK: u64 = 1 << 16;
+
+    /// The most work any one call of this domain may do.
+    pub fn call_work_bound(&self) -> u64 {
+        (self.call_work_budget as u64).saturating_add(DomainConfig::CALL_WORK_SLACK)
+    }
 
     /// This configuration with `hint` added to its linear maps (in the first free place;
     /// when all four are taken, the last is replaced).

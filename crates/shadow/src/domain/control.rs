@@ -5,12 +5,13 @@ use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use super::{Domain, EngineError};
-use crate::addr::{Maddr, Mfn};
+use crate::addr::{Gfn, Maddr, Mfn};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
-use crate::log_dirty::{DirtyBitmap, DirtyLog};
+use crate::log_dirty::{DirtyBitmap, DirtyLog, Enabling};
 use crate::paging::bits;
 use crate::pool::ResizeProgress;
+use crate::remove::sweep::SweepEnd;
 use crate::stats::Stats;
 
 /// A control operation.
@@ -26,7 +27,7 @@ pub enum ShadowOp {
     DisableLogDirty,
     /// One bounded step of a clean: the bitmap comes back (and is reset) when done.
     Clean {
-        /// Shadow entries to re-protect in this step.
+        /// Shadow entries (and as many p2m entries) to re-protect in this step.
         budget: usize,
     },
     /// The bitmap, without resetting it.
@@ -78,6 +79,8 @@ pub enum CleanProgress {
 pub(crate) struct Cleaning {
     snapshot: DirtyBitmap,
     to_protect: BTreeSet<Maddr>,
+    /// Writable p2m entries (vcpus with paging disabled) to re-protect.
+    p2m_to_protect: BTreeSet<Gfn>,
     steps: usize,
 }
 
@@ -89,6 +92,30 @@ impl<H: MachineMemory> Domain<H> {
         self.cleaning
             .as_ref()
             .is_some_and(|c| c.to_protect.contains(&slot))
+            || self.awaits_enable_protect(slot)
+    }
+
+    /// Whether the p2m entry of `gfn` is writable only because a clean in progress, or
+    /// enabling log-dirty mode, has not re-protected it yet.
+    pub(crate) fn awaits_p2m_reprotect(&self, gfn: Gfn) -> bool {
+        self.cleaning
+            .as_ref()
+            .is_some_and(|c| c.p2m_to_protect.contains(&gfn))
+            || self.log_dirty.as_ref().is_some_and(DirtyLog::is_enabling)
+    }
+
+    /// Whether the shadow entry at `slot` is writable only because enabling log-dirty mode
+    /// has not reached it yet.
+    fn awaits_enable_protect(&self, slot: Maddr) -> bool {
+        let Some(enabling) = self.log_dirty.as_ref().and_then(|l| l.enabling) else {
+            return false;
+        };
+        !enabling.leaves_done
+            && self.store.containing(slot.mfn()).is_some_and(|(head, _)| {
+                enabling
+                    .cursor
+                    .not_past(head, slot.raw() - head.base().raw())
+            })
     }
 
     /// Runs a control operation.
@@ -102,7 +129,16 @@ impl<H: MachineMemory> Domain<H> {
                 self.test_mode = false;
                 Ok((ShadowOpResult::Done, Flush::NONE))
             }
-            ShadowOp::EnableLogDirty => self.enable_log_dirty().map(|f| (ShadowOpResult::Done, f)),
+            ShadowOp::EnableLogDirty => {
+                let budget = self.config.call_work_budget;
+                self.enable_log_dirty_step(budget).map(|(done, f)| {
+                    if done {
+                        (ShadowOpResult::Done, f)
+                    } else {
+                        (ShadowOpResult::More, f)
+                    }
+                })
+            }
             ShadowOp::DisableLogDirty => {
                 self.disable_log_dirty();
                 Ok((ShadowOpResult::Done, Flush::NONE))
@@ -137,19 +173,102 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Turns log-dirty mode on: every shadow L1 entry and every writable p2m entry loses
-    /// write access. The cost follows the number of shadows, not guest memory size.
+    /// write access. The whole of it, step after step (the guest does not run in between).
     pub fn enable_log_dirty(&mut self) -> Result<Flush, EngineError> {
-        if self.log_dirty.is_some() {
+        let mut flush = Flush::NONE;
+        loop {
+            let budget = self.config.call_work_budget;
+            let (done, f) = self.enable_log_dirty_step(budget)?;
+            flush = flush.merge(f);
+            if done {
+                return Ok(flush);
+            }
+        }
+    }
+
+    /// One bounded step of turning log-dirty mode on: removes write access from shadow L1
+    /// entries, then from writable p2m entries, about `budget` entries' work in all;
+    /// returns whether it is done. Logging starts with the first step: an entry
+    /// made writable later is made so only for a dirty page. If the guest runs between
+    /// steps, it may write through an entry not yet protected: every page a later step
+    /// protects is therefore counted dirty.
+    pub fn enable_log_dirty_step(&mut self, budget: usize) -> Result<(bool, Flush), EngineError> {
+        if self
+            .log_dirty
+            .as_ref()
+            .is_some_and(|l| l.enabling.is_none())
+        {
             return Err(EngineError::BadArgument("log-dirty mode is already on"));
         }
         self.run(|d| {
-            d.log_dirty = Some(DirtyLog::default());
-            d.protect_all_leaves()?;
-            d.protect_p2m_writable()?;
+            let mut enabling = match d.log_dirty.as_ref().and_then(|l| l.enabling) {
+                Some(e) => e,
+                None => {
+                    d.log_dirty = Some(DirtyLog::default());
+                    Enabling::default()
+                }
+            };
+            let later_step = enabling.steps > 0;
+            enabling.steps += 1;
+            let start = d.stats.last_call_work;
+            let budget = budget.max(1) as u64;
+            let mut protected: Vec<Mfn> = Vec::new();
+            if !enabling.leaves_done {
+                let mut cursor = enabling.cursor;
+                let end = d.sweep_shadows(
+                    &mut cursor,
+                    budget,
+                    |i| i.key.kind.is_leaf_table(),
+                    |d, _, e| {
+                        let frame = d.sentry_frame(e)?;
+                        (e & bits::RW != 0).then(|| {
+                            protected.push(frame);
+                            e & !bits::RW
+                        })
+                    },
+                )?;
+                enabling.cursor = cursor;
+                enabling.leaves_done = end == SweepEnd::Done;
+            }
+            if later_step {
+                for mfn in protected {
+                    d.mark_frame_dirty(mfn);
+                }
+            }
+            if enabling.leaves_done {
+                let spent = d.stats.last_call_work - start;
+                let left = budget.saturating_sub(spent).max(1);
+                for _ in 0..left {
+                    let Some(gfn) = d.p2m_writable.pop_first() else {
+                        break;
+                    };
+                    if let Some(p2m) = d.p2m.as_mut() {
+                        p2m.set_writable(&mut d.host, gfn, false)?;
+                    }
+                    d.stats.add_work(1);
+                    if later_step {
+                        d.mark_dirty(gfn);
+                    }
+                }
+            }
             d.pending_flush = d.all_vcpus();
-            Ok(())
+            let done = enabling.leaves_done && d.p2m_writable.is_empty();
+            if let Some(log) = d.log_dirty.as_mut() {
+                log.enabling = (!done).then_some(enabling);
+            }
+            Ok(done)
         })
-        .map(|((), f)| f)
+    }
+
+    /// Marks dirty a guest frame of machine frame `mfn` (every guest frame mapping it).
+    fn mark_frame_dirty(&mut self, mfn: Mfn) {
+        let gfns: Vec<Gfn> = match self.m2p.get(&mfn) {
+            Some(set) => set.iter().copied().collect(),
+            None => alloc::vec![Gfn::new(mfn.raw())],
+        };
+        for gfn in gfns {
+            self.mark_dirty(gfn);
+        }
     }
 
     /// Turns log-dirty mode off (pages regain write access as they fault).
@@ -164,12 +283,18 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// One bounded step of a clean: re-protects at most `budget` of the shadow entries made
-    /// writable since the last clean, and returns the bitmap (reset) when all are done. If
-    /// the guest runs between steps, every page re-protected in a later step is counted
-    /// dirty again for the next round (it may have been written meanwhile).
+    /// writable since the last clean and as many writable p2m entries, and returns the
+    /// bitmap (reset) when all are done. If the guest runs between steps, every page
+    /// re-protected in a later step is counted dirty again for the next round (it may have
+    /// been written meanwhile).
     pub fn clean_step(&mut self, budget: usize) -> Result<(CleanProgress, Flush), EngineError> {
         if self.log_dirty.is_none() {
             return Err(EngineError::BadArgument("log-dirty mode is off"));
+        }
+        if self.log_dirty.as_ref().is_some_and(DirtyLog::is_enabling) {
+            return Err(EngineError::BadArgument(
+                "log-dirty mode is still being enabled",
+            ));
         }
         self.run(|d| {
             let mut cleaning = match d.cleaning.take() {
@@ -182,10 +307,10 @@ impl<H: MachineMemory> Domain<H> {
                     log.cleans += 1;
                     let snapshot = core::mem::take(&mut log.dirty);
                     let to_protect = core::mem::take(&mut log.writable_slots);
-                    d.protect_p2m_writable()?;
                     Cleaning {
                         snapshot,
                         to_protect,
+                        p2m_to_protect: core::mem::take(&mut d.p2m_writable),
                         steps: 0,
                     }
                 }
@@ -202,8 +327,21 @@ impl<H: MachineMemory> Domain<H> {
                     d.mark_dirty(gfn);
                 }
             }
+            // As many writable p2m entries (vcpus with paging disabled).
+            for _ in 0..budget.max(1) {
+                let Some(gfn) = cleaning.p2m_to_protect.pop_first() else {
+                    break;
+                };
+                if let Some(p2m) = d.p2m.as_mut() {
+                    p2m.set_writable(&mut d.host, gfn, false)?;
+                }
+                d.stats.add_work(1);
+                if later_step {
+                    d.mark_dirty(gfn);
+                }
+            }
             d.pending_flush = d.all_vcpus();
-            if cleaning.to_protect.is_empty() {
+            if cleaning.to_protect.is_empty() && cleaning.p2m_to_protect.is_empty() {
                 Ok(CleanProgress::Done(cleaning.snapshot))
             } else {
                 d.cleaning = Some(cleaning);
@@ -249,23 +387,6 @@ impl<H: MachineMemory> Domain<H> {
             .or(Some(crate::addr::Gfn::new(mfn.raw()))))
     }
 
-    fn protect_all_leaves(&mut self) -> Result<(), EngineError> {
-        let leaves = self.leaf_shadows();
-        self.rewrite_entries(&leaves, |d, e| {
-            (d.sentry_frame(e).is_some() && e & bits::RW != 0).then_some(e & !bits::RW)
-        })
-    }
-
-    fn protect_p2m_writable(&mut self) -> Result<(), EngineError> {
-        let gfns: BTreeSet<_> = core::mem::take(&mut self.p2m_writable);
-        if let Some(p2m) = self.p2m.as_mut() {
-            for gfn in gfns {
-                p2m.set_writable(&mut self.host, gfn, false)?;
-            }
-        }
-        Ok(())
-    }
-
     /// One bounded step towards a pool of `pages` pages: grows from the host, or shrinks by
     /// giving back free chunks, evicting shadows when no free chunk is left.
     pub fn set_pool_size_step(
@@ -284,7 +405,17 @@ impl<H: MachineMemory> Domain<H> {
             if let ResizeProgress::NeedsEviction { .. } = progress {
                 let mut freed = false;
                 for _ in 0..budget.max(1) {
-                    if d.reap_one()? || d.vacate_chunk()? || d.evict_one()? {
+                    if d.out_of_work() {
+                        return Ok(ResizeProgress::More);
+                    }
+                    let progressed = d.reap_one()?
+                        || match d.vacate_chunk() {
+                            // Its unhooking scan goes on in the next step.
+                            Err(EngineError::Preempted) => return Ok(ResizeProgress::More),
+                            other => other?,
+                        }
+                        || d.evict_one()?;
+                    if progressed {
                         freed = true;
                     } else {
                         break;
@@ -293,7 +424,7 @@ impl<H: MachineMemory> Domain<H> {
                 if !freed {
                     let before = d.pool.used_pages();
                     d.blow_tables()?;
-                    if d.pool.used_pages() == before {
+                    if d.pool.used_pages() == before && d.store.dying_count() == 0 {
                         return Err(EngineError::BadArgument(
                             "the pool cannot shrink below what the vcpus' top-level shadows use",
                         ));
@@ -309,19 +440,18 @@ impl<H: MachineMemory> Domain<H> {
     /// is using: its shadows are unpinned, unhooked from their parents and torn down, so
     /// that shrinking gives back exactly the chunks it asked to vacate.
     fn vacate_chunk(&mut self) -> Result<bool, EngineError> {
-        let mut chunks: Vec<(usize, Mfn)> = self
-            .pool
-            .chunks()
-            .filter(|&(_, used)| used > 0)
-            .map(|(base, used)| (used, base))
-            .collect();
-        chunks.sort();
         let chunk_of = |m: Mfn| m.raw() >> crate::pool::CHUNK_ORDER;
-        for (_, base) in chunks {
+        // Chunks holding a top some vcpu runs on are skipped: at most a few per vcpu.
+        let candidates: Vec<Mfn> = self
+            .pool
+            .chunks_by_least_use()
+            .take(6 * self.vcpus.len() + 1)
+            .collect();
+        for base in candidates {
             let heads: Vec<Mfn> = self
                 .store
-                .shadows()
-                .filter(|(h, _)| chunk_of(*h) == chunk_of(base))
+                .shadows_from(base)
+                .take_while(|(h, _)| chunk_of(*h) == chunk_of(base))
                 .map(|(h, _)| h)
                 .collect();
             if heads.iter().any(|&h| self.in_use(h)) {
@@ -340,7 +470,7 @@ impl<H: MachineMemory> Domain<H> {
                 }
                 self.stats.evictions += 1;
             }
-            while self.reap_one()? {}
+            while !self.out_of_work() && self.reap_one()? {}
             self.pending_flush = self.all_vcpus();
             return Ok(true);
         }

@@ -249,14 +249,14 @@ impl<H: MachineMemory> Domain<H> {
             let in_use = self.is_top_in_use(mfn);
             if !in_use && hints.zeroed_page && effect.zeroed {
                 self.stats.teardown_zeroed += 1;
-                self.unshadow(mfn)?;
+                self.unshadow_hinted(mfn)?;
                 unshadowed = true;
                 teardown_write = false;
                 continue;
             }
             if !in_use && hints.data_reuse && effect.data {
                 self.stats.teardown_data += 1;
-                self.unshadow(mfn)?;
+                self.unshadow_hinted(mfn)?;
                 unshadowed = true;
                 teardown_write = false;
                 continue;
@@ -278,7 +278,7 @@ impl<H: MachineMemory> Domain<H> {
             Some((mfn, n)) if n >= threshold => {
                 if !self.is_top_in_use(mfn) {
                     self.stats.early_unshadows += 1;
-                    self.unshadow(mfn)?;
+                    self.unshadow_hinted(mfn)?;
                     unshadowed = true;
                 }
                 None

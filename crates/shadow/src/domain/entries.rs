@@ -103,7 +103,13 @@ impl<H: MachineMemory> Domain<H> {
                 "shadow entry write outside any shadow",
             ))?;
         let width = self.sentry_bytes();
+        let new = if kind.is_leaf_table() {
+            self.admit_leaf(new)
+        } else {
+            self.admit_upper(new)
+        };
         let old = self.host.read_entry(slot, width)?;
+        self.stats.add_work(1);
         if old == new {
             return Ok(());
         }
@@ -164,7 +170,11 @@ impl<H: MachineMemory> Domain<H> {
     /// writable mapping of it first.
     pub(crate) fn get_or_create(&mut self, key: ShadowKey) -> Result<(Mfn, bool), EngineError> {
         if let Some(head) = self.store.lookup(&key) {
-            return Ok((head, false));
+            if !self.being_unhooked(head) {
+                return Ok((head, false));
+            }
+            // Its unshadow waits for a scan: this call goes on with it, then makes anew.
+            self.continue_unshadow(head)?;
         }
         let order = key.kind.order(self.config.shadow_levels);
         let head = self.take_block(order)?;
@@ -199,6 +209,10 @@ impl<H: MachineMemory> Domain<H> {
             let over_target = !blown && self.over_target(self.pool.used_pages() + (1 << order));
             if !over_target && let Some(m) = self.pool.alloc(order) {
                 return Ok(m);
+            }
+            if self.out_of_work() {
+                // The shadows torn down so far stay torn down: the retry goes on from here.
+                return Err(EngineError::Preempted);
             }
             if self.reap_one()? || self.evict_one()? {
                 continue;
@@ -285,6 +299,7 @@ impl<H: MachineMemory> Domain<H> {
         let mut cleared = Ok(());
         while offset < bytes && cleared.is_ok() {
             let slot = Maddr::new(head.base().raw() + offset);
+            self.stats.add_work(1);
             cleared = match self.host.read_entry(slot, width) {
                 Ok(0) => Ok(()),
                 Ok(_) => self.set_sentry(slot, 0),
@@ -326,7 +341,9 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// Throws away every shadow not needed to keep the vcpus' roots valid: unpins every
-    /// unused top, empties the tops in use, and tears down everything that falls.
+    /// unused top and empties the tops in use; everything that falls is queued to die, and
+    /// torn down while the call's work budget lasts (the rest by later calls, or by the
+    /// allocation that needs the room).
     pub(crate) fn blow_tables(&mut self) -> Result<(), EngineError> {
         self.stats.blow_tables += 1;
         let pinned: alloc::vec::Vec<Mfn> = self.store.pinned_lru().collect();
@@ -336,13 +353,14 @@ impl<H: MachineMemory> Domain<H> {
                     self.store.unhash(dead);
                 }
                 self.stats.evictions += 1;
+                self.stats.add_work(1);
             }
         }
         let in_use: alloc::vec::Vec<Mfn> = self.vcpus.iter().flat_map(|v| v.tops()).collect();
         for head in in_use {
             self.clear_shadow(head)?;
         }
-        while self.reap_one()? {}
+        while !self.out_of_work() && self.reap_one()? {}
         self.pending_flush = self.all_vcpus();
         Ok(())
     }
@@ -356,6 +374,7 @@ impl<H: MachineMemory> Domain<H> {
         let mut offset = 0;
         while offset < PAGE_SIZE << order {
             let slot = Maddr::new(head.base().raw() + offset);
+            self.stats.add_work(1);
             if self.host.read_entry(slot, width)? != 0 {
                 self.set_sentry(slot, 0)?;
             }

@@ -45,6 +45,11 @@ impl Limbo {
         Ok(())
     }
 
+    /// Takes one block out, whatever it waits for (teardown: no vcpu runs any more).
+    pub(crate) fn take_one(&mut self) -> Option<(Mfn, u8)> {
+        self.flushed.pop().or_else(|| self.awaiting_flush.pop())
+    }
+
     /// Pages held (allocated in the pool, owned by no shadow).
     pub(crate) fn pages(&self) -> usize {
         self.awaiting_flush

@@ -208,7 +208,6 @@ impl<H: MachineMemory> Domain<H> {
                     }
                 }
             }
-            d.clear_mmio_magic(gfn)?;
             d.p2m_writable.remove(&gfn);
             let entry = mapping.map(|(mfn, ty)| P2mEntry::new(mfn, ty).with_writable(false));
             if let Some(p2m) = d.p2m.as_mut() {
@@ -252,16 +251,12 @@ impl<H: MachineMemory> Domain<H> {
         .map(|((), f)| f)
     }
 
-    /// Clears fast-path MMIO entries naming `gfn` (it is becoming RAM, or changing).
-    fn clear_mmio_magic(&mut self, gfn: Gfn) -> Result<(), EngineError> {
-        if !self.fast_path_on() {
-            return Ok(());
-        }
-        let leaves = self.leaf_shadows();
-        self.rewrite_entries(&leaves, |_, e| {
-            matches!(super::entries::decode_magic(e), Some(super::entries::Magic::Mmio(g, _)) if g == gfn.raw())
-                .then_some(0)
-        })
+    /// Whether a fast-path MMIO entry naming `gfn` is stale: the gfn became RAM since it
+    /// was written. `set_p2m` does not look for such entries (that would scan every L1
+    /// shadow); the fast path checks the p2m instead (a few reads), and a stale entry is a
+    /// miss that the slow path refills.
+    pub(crate) fn mmio_magic_stale(&self, gfn: Gfn) -> bool {
+        matches!(self.guest_frame(gfn), Some((_, P2mType::Ram)))
     }
 }
 

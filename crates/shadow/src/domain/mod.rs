@@ -12,6 +12,7 @@ pub(crate) mod entries;
 pub(crate) mod guest_mem;
 mod limbo;
 mod memory_ops;
+mod teardown;
 mod vcpu;
 
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,7 @@ use alloc::vec::Vec;
 pub use config::{DomainConfig, EngineError, GuestFault, RefcountMode};
 pub use control::{CleanProgress, ShadowOp, ShadowOpResult};
 pub use emulate_ops::EmulateOutcome;
+pub use teardown::TeardownProgress;
 pub(crate) use vcpu::RootLoad;
 pub use vcpu::Vcpu;
 
@@ -95,6 +97,8 @@ pub struct Domain<H: MachineMemory> {
     /// The reverse map, when the domain keeps one.
     #[cfg(feature = "rmap")]
     pub(crate) rmap: Option<crate::rmap::ReverseMap>,
+    /// The teardown under way (the domain accepts no other operation).
+    pub(crate) teardown: Option<teardown::Teardown>,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -161,6 +165,7 @@ impl<H: MachineMemory> Domain<H> {
             remove: crate::remove::RemoveState::default(),
             #[cfg(feature = "rmap")]
             rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
+            teardown: None,
         })
     }
 
@@ -301,9 +306,10 @@ impl<H: MachineMemory> Domain<H> {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, EngineError>,
     ) -> Result<(T, Flush), EngineError> {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.teardown.is_some() {
             return Err(EngineError::DomainFailed);
         }
+        self.stats.start_call();
         if self.flush_owed {
             return Err(EngineError::FlushOwed);
         }
@@ -445,13 +451,14 @@ impl<H: MachineMemory> Domain<H> {
         self.settle_control(v, result)
     }
 
-    /// A refused control-register write leaves the vcpu's registers as they were.
+    /// A refused control-register write leaves the vcpu's registers as they were; a
+    /// preempted one keeps the new registers, for the host to call again and go on.
     fn settle_control(
         &mut self,
         v: usize,
         result: Result<((), Flush), EngineError>,
     ) -> Result<Flush, EngineError> {
-        if result.is_err()
+        if result.as_ref().is_err_and(|e| *e != EngineError::Preempted)
             && let Some(vcpu) = self.vcpus.get_mut(v)
             && vcpu.pair.is_some()
         {
@@ -465,6 +472,14 @@ impl<H: MachineMemory> Domain<H> {
     /// A vcpu whose rebuild fails (the pool needs a flush carried out first) keeps no root
     /// until [`Domain::load_roots`] succeeds.
     pub(crate) fn rebuild_roots(&mut self) -> Result<(), EngineError> {
+        // A rebuild is not the guest's own CR3 load: it does no write-access scan.
+        self.remove.rebuilding = true;
+        let result = self.rebuild_needed_roots();
+        self.remove.rebuilding = false;
+        result
+    }
+
+    fn rebuild_needed_roots(&mut self) -> Result<(), EngineError> {
         for v in 0..self.vcpus.len() {
             if !self.needs_root.contains(v) {
                 continue;

@@ -81,6 +81,9 @@ where
         if Self::NEEDS_VCPU_TOP && d.vcpus[v].vcpu_top.is_none() {
             orders.push(ShadowKind::VcpuTop.order(S::LEVELS));
         }
+        for frame in frames.iter().flatten() {
+            d.prepare_top_frame(*frame)?;
+        }
         d.prealloc(&orders)?;
 
         if load.fresh {

@@ -453,7 +453,7 @@ where
                 )));
             }
             let wp0_write = !t.perms.write;
-            if d.store.is_page_table(mfn) || wp0_write {
+            if d.store.is_page_table(mfn) || wp0_write || d.write_scan_pending(mfn) {
                 return Ok(FaultOutcome::Emulate {
                     gpa: Self::gpa_of(gfn, va.raw()),
                 });
@@ -516,6 +516,7 @@ where
                 d.stats.fast_path_not_present += 1;
                 Ok(Some(FaultOutcome::Propagate(guest_ec)))
             }
+            Some(Magic::Mmio(gfn, _)) if d.mmio_magic_stale(crate::addr::Gfn::new(gfn)) => Ok(None),
             Some(Magic::Mmio(gfn, rights)) => {
                 // The hardware stopped at the reserved bit without checking rights: check
                 // them here, from the upper shadow entries (which carry the guest's) and

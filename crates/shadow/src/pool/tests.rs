@@ -313,6 +313,11 @@ fn pool_eviction_estimate_prefers_least_used_chunks() {
     }
     assert_eq!(pool.free_whole_chunks(), 1);
     assert_eq!(pool.least_used_chunk(), Some(chunk_of(1)));
+    // Chunks in use by how little they use, the free chunk left out.
+    assert_eq!(
+        pool.chunks_by_least_use().collect::<Vec<_>>(),
+        [chunk_of(1), chunk_of(2), chunk_of(0)]
+    );
     let used: BTreeMap<Mfn, usize> = pool.chunks().collect();
     assert_eq!(used.values().copied().collect::<Vec<_>>(), [4, 1, 2, 0]);
 

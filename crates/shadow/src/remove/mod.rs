@@ -38,24 +38,27 @@
 //! writable mapping of a shadowed page table" holds at every step; in between, the guest
 //! may write the page natively, and nothing is out of sync because nothing shadows it.
 //!
-//! The guest may re-create a writable mapping behind the cursor meanwhile (another vcpu
-//! writing the page it is about to use as a page table). The pointer (a) catches the usual
-//! case at the end of the pass. If a full pass still leaves writable mappings, or if the
-//! removal cannot be refused (a CR3 load or a root rebuild: the vcpu needs its top-level
-//! shadow to run at all), the scan finishes **inside the call**: one pass over the L1
-//! shadows, during which nothing can re-create a mapping. That call is bounded by the number
-//! of shadow L1 entries, that is by the pool size, which the host fixes per domain and which
-//! does not grow with guest memory or with anything the guest does. In short: every page
-//! fault's share of a scan is bounded by the budget, except the one fault per pass that
-//! follows a pass the guest defeated, and CR3 loads, which are bounded by the pool.
+//! The guest cannot re-create a writable mapping behind the cursor meanwhile: while a
+//! frame waits for the scan, every shadow entry written for it is made read-only
+//! (`Domain::admit_leaf`), and a write to it faults and is emulated (so the guest makes
+//! progress without a writable mapping). One pass is therefore complete. A CR3 load waits
+//! the same way before it changes anything (`Domain::prepare_top_frame`): it answers
+//! [`EngineError::Preempted`](crate::domain::EngineError) and the host runs it again. Only a
+//! root rebuild at the end of an operation that already changed things (an unshadow of a
+//! top in use) cannot wait, and finishes its scan in the call, bounded by the pool.
 //!
 //! # Remove every mapping (a p2m change, a frame leaving the domain)
 //!
 //! Only writable mappings are counted, so no cheap method can prove that a frame has no
 //! read-only mapping left: [`Domain::remove_all_mappings`](crate::domain::Domain) always
-//! scans every L1 shadow, in the call (bounded by the pool, as above), and checks the
-//! writable count at the end. (A reverse map, or a count of all mappings per frame, would
-//! let the pointer and the hints prove completeness here too.)
+//! scans every L1 shadow, in bounded steps of
+//! [`DomainConfig::call_work_budget`](crate::domain::DomainConfig) entries. A host call
+//! (`set_p2m`, `remove_frame`) whose scan is not done returns
+//! [`EngineError::Preempted`](crate::domain::EngineError) with the p2m unchanged and the
+//! cursor kept; the host calls it again with the same arguments. Meanwhile no shadow entry
+//! may map the frame (faults that would are retried), so one pass is complete, and the
+//! writable count checks it at the end. With a reverse map, the frame's recorded entries
+//! are removed, as many per call.
 //!
 //! # Unshadow (a page stops being a page table)
 //!
@@ -84,6 +87,7 @@
 mod hints;
 mod mappings;
 mod scan;
+pub(crate) mod sweep;
 mod unshadow;
 mod write_access;
 
@@ -91,7 +95,7 @@ use alloc::vec::Vec;
 
 pub use hints::{HINT_TOPS, LinearMapHint, TeardownHints};
 
-use crate::addr::{Gva, Maddr, Mfn, PAGE_SIZE};
+use crate::addr::{Gva, Mfn};
 use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
 use crate::multi::FaultOutcome;
@@ -114,55 +118,16 @@ pub(crate) struct RemoveState {
     /// Per vcpu: the page table its last emulated writes cleared entries of, and how many
     /// such writes in a row (the fork/exit heuristic).
     pub(crate) early: Vec<Option<(Mfn, u32)>>,
+    /// Whether vcpu roots are being rebuilt at the end of an operation (a CR3 load then
+    /// cannot wait for a scan).
+    pub(crate) rebuilding: bool,
+    /// The unshadow waiting for its unhooking scan, if any.
+    pub(crate) unhooking: Option<unshadow::Unhooking>,
+    /// The removal of every mapping of a frame under way across calls, if any.
+    pub(crate) mappings: Option<mappings::MappingRemoval>,
 }
 
 impl<H: MachineMemory> Domain<H> {
-    /// Heads of every shadow whose entries map pages (L1s and splinters), dying ones too.
-    pub(crate) fn leaf_shadows(&self) -> Vec<(Mfn, u8)> {
-        self.store
-            .shadows()
-            .filter(|(_, i)| i.key.kind.is_leaf_table())
-            .map(|(h, i)| (h, i.order))
-            .collect()
-    }
-
-    /// Rewrites every entry of the listed shadows for which `pick` returns a new value.
-    pub(crate) fn rewrite_entries(
-        &mut self,
-        shadows: &[(Mfn, u8)],
-        mut pick: impl FnMut(&Self, u64) -> Option<u64>,
-    ) -> Result<(), EngineError> {
-        self.rewrite_entries_until(shadows, |_| false, |d, _, e| pick(d, e))
-    }
-
-    /// Rewrites entries of the listed shadows for which `pick` (given the slot and the
-    /// entry) returns a new value, stopping as soon as `done` holds (checked after each
-    /// shadow).
-    pub(crate) fn rewrite_entries_until(
-        &mut self,
-        shadows: &[(Mfn, u8)],
-        done: impl Fn(&Self) -> bool,
-        mut pick: impl FnMut(&Self, Maddr, u64) -> Option<u64>,
-    ) -> Result<(), EngineError> {
-        let width = self.sentry_bytes();
-        for &(head, order) in shadows {
-            if done(self) {
-                break;
-            }
-            let mut offset = 0;
-            while offset < PAGE_SIZE << order {
-                let slot = Maddr::new(head.base().raw() + offset);
-                let entry = self.host.read_entry(slot, width)?;
-                self.stats.scanned_entries += 1;
-                if let Some(new) = pick(self, slot, entry) {
-                    self.set_sentry(slot, new)?;
-                }
-                offset += width;
-            }
-        }
-        Ok(())
-    }
-
     /// Runs the page fault `fault` of vcpu `v` at `va` with the searches' context: a
     /// write-access removal that runs out of budget makes the fault answer
     /// [`FaultOutcome::Spurious`] (the guest retries, the scan continues), and any outcome

@@ -172,6 +172,7 @@ impl<H: MachineMemory> Domain<H> {
                     break;
                 }
                 resume = Some(head.raw() + (1u64 << info.order));
+                self.stats.add_work(1);
                 left -= 1;
                 if left == 0 {
                     break;
@@ -208,6 +209,7 @@ impl<H: MachineMemory> Domain<H> {
                 let slot = Maddr::new(head.base().raw() + offset);
                 let entry = self.host.read_entry(slot, width)?;
                 self.stats.scanned_entries += 1;
+                self.stats.add_work(1);
                 left -= 1;
                 offset += width;
                 if entry & bits::RW != 0

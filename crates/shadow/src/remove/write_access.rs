@@ -18,54 +18,9 @@ impl<H: MachineMemory> Domain<H> {
     /// new shadows are dropped and [`EngineError::Preempted`] is returned, which the fault
     /// turns into a retry (see the module documentation).
     pub(crate) fn remove_write_access(&mut self, mfn: Mfn) -> Result<(), EngineError> {
-        self.protect_in_p2m(mfn)?;
-        if self.store.frame(mfn).writable == 0 {
-            self.remove.scan.forget(mfn);
-            return Ok(());
-        }
-        let continuing = self.remove.scan.is_pending(mfn);
-        if !continuing {
-            self.stats.write_access_removals += 1;
-        }
-
-        // With a reverse map: exactly the entries that map the frame.
-        #[cfg(feature = "rmap")]
-        if self.rmap.is_some() {
-            self.stats.write_access_by_rmap += 1;
-            return self.rewrite_rmap_slots(mfn, |e| (e & bits::RW != 0).then_some(e & !bits::RW));
-        }
-
-        // (a) The entry that last took the count from zero to one.
-        if self.store.frame(mfn).last_writable.is_some() {
-            self.stats.write_access_pointer_tried += 1;
-            self.clear_last_writable(mfn)?;
-            if self.store.frame(mfn).writable == 0 {
-                self.stats.write_access_by_pointer += 1;
-                self.remove.scan.forget(mfn);
-                return Ok(());
-            }
-        }
-
-        // (b) Where the guest OS's linear maps say the frame is mapped.
-        if self.has_linear_maps() {
-            self.stats.write_access_hint_tried += 1;
-            self.apply_hints(mfn, |e| (e & bits::RW != 0).then_some(e & !bits::RW))?;
-            if self.store.frame(mfn).writable == 0 {
-                self.stats.write_access_by_hint += 1;
-                self.remove.scan.forget(mfn);
-                return Ok(());
-            }
-        }
-
-        // (c) The scan, in bounded steps.
-        if !continuing {
-            self.stats.write_access_scan_tried += 1;
-        }
-        let may_defer = self.remove.fault.is_some() && self.config.scan_budget > 0;
-        let budget = u64::try_from(self.config.scan_budget).unwrap_or(u64::MAX);
-        if self.scan_for_writable(mfn, budget, may_defer)? {
-            self.stats.write_access_by_scan += 1;
-            self.remove.scan.forget(mfn);
+        let may_defer =
+            self.remove.fault.is_some() && !self.remove.rebuilding && self.config.scan_budget > 0;
+        if self.find_writable(mfn, may_defer)? {
             return Ok(());
         }
         // Not yet: refuse to shadow the frame. Its shadow was just made, is empty and is
@@ -86,6 +41,80 @@ impl<H: MachineMemory> Domain<H> {
         }
         self.stats.write_access_deferred += 1;
         Err(EngineError::Preempted)
+    }
+
+    /// Before a CR3 load changes anything: removes every writable mapping of `mfn`, which
+    /// is to become a top-level page table, within the scan budget. When the scan is not
+    /// done, nothing changed (but the scan's progress) and [`EngineError::Preempted`] is
+    /// returned: the host runs the CR3 load again, which goes on with the scan. A root
+    /// rebuild (the end of an operation that already changed things) cannot wait: its
+    /// scan finishes in the call, in `get_or_create`.
+    pub(crate) fn prepare_top_frame(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        if self.store.is_page_table(mfn) || self.remove.rebuilding || self.config.scan_budget == 0 {
+            return Ok(());
+        }
+        if self.find_writable(mfn, true)? {
+            Ok(())
+        } else {
+            self.stats.write_access_deferred += 1;
+            Err(EngineError::Preempted)
+        }
+    }
+
+    /// Methods (a), (b) and (c) for `mfn`; the scan stops at the budget if `may_defer`.
+    /// Returns whether no writable mapping is left.
+    fn find_writable(&mut self, mfn: Mfn, may_defer: bool) -> Result<bool, EngineError> {
+        self.protect_in_p2m(mfn)?;
+        if self.store.frame(mfn).writable == 0 {
+            self.remove.scan.forget(mfn);
+            return Ok(true);
+        }
+        let continuing = self.remove.scan.is_pending(mfn);
+        if !continuing {
+            self.stats.write_access_removals += 1;
+        }
+
+        // With a reverse map: exactly the entries that map the frame.
+        #[cfg(feature = "rmap")]
+        if self.rmap.is_some() {
+            self.stats.write_access_by_rmap += 1;
+            self.rewrite_rmap_slots(mfn, |e| (e & bits::RW != 0).then_some(e & !bits::RW))?;
+            return Ok(true);
+        }
+
+        // (a) The entry that last took the count from zero to one.
+        if self.store.frame(mfn).last_writable.is_some() {
+            self.stats.write_access_pointer_tried += 1;
+            self.clear_last_writable(mfn)?;
+            if self.store.frame(mfn).writable == 0 {
+                self.stats.write_access_by_pointer += 1;
+                self.remove.scan.forget(mfn);
+                return Ok(true);
+            }
+        }
+
+        // (b) Where the guest OS's linear maps say the frame is mapped.
+        if self.has_linear_maps() {
+            self.stats.write_access_hint_tried += 1;
+            self.apply_hints(mfn, |e| (e & bits::RW != 0).then_some(e & !bits::RW))?;
+            if self.store.frame(mfn).writable == 0 {
+                self.stats.write_access_by_hint += 1;
+                self.remove.scan.forget(mfn);
+                return Ok(true);
+            }
+        }
+
+        // (c) The scan, in bounded steps.
+        if !continuing {
+            self.stats.write_access_scan_tried += 1;
+        }
+        let budget = u64::try_from(self.config.scan_budget).unwrap_or(u64::MAX);
+        if self.scan_for_writable(mfn, budget, may_defer)? {
+            self.stats.write_access_by_scan += 1;
+            self.remove.scan.forget(mfn);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Method (a): clears RW in the entry the last-writable pointer of `mfn` names, if it
