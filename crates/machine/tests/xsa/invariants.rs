@@ -1,0 +1,441 @@
+//! The isolation invariants every XSA replay checks after every step. They are written
+//! independently of the engine's auditor: the shadow trees are walked here from each vcpu's
+//! root, entry by entry, and every leaf is compared with the guest's own walk of the same
+//! address and with the p2m.
+
+use std::collections::BTreeSet;
+
+use shadow2::addr::{Gva, Maddr, Mfn};
+use shadow2::audit::audit;
+use shadow2::domain::Domain;
+use shadow2::host::MachineMemory;
+use shadow2::p2m::P2mType;
+use shadow2::paging::bits::{self, cr};
+use shadow2::paging::{Access, AccessKind, PagingLevels, PhysMem, Privilege};
+use shadow2::stats::Stats;
+use shadow2::types::ShadowKind;
+use shadow2_machine::memory::SparseMemory;
+use shadow2_machine::oracle::guest_walk;
+use shadow2_machine::sim::ShadowMachine;
+
+type Dom = Domain<SparseMemory>;
+
+/// MAXPHYADDR of the simulated host: a frame number at or above `1 << (48 - 12)` cannot name
+/// memory, which is what a not-present entry's address bits must do (L1TF).
+const HOST_FRAME_LIMIT: u64 = 1 << (48 - 12);
+
+/// Checks, after one step of a scenario, everything isolation needs:
+/// - the engine's auditor is clean, the oracle saw no mismatch, the domain is alive;
+/// - every shadow entry reachable from a vcpu root: upper entries point at live shadow pages
+///   of the right level, leaves map only frames the guest's own walk reaches through the p2m
+///   (never a pool, p2m-table or hypervisor frame), grant no more than that walk, are not
+///   writable over a shadowed page table or a clean guest leaf, keep the guest's protection
+///   key, and not-present entries name no machine frame;
+/// - every TLB entry of every vcpu maps only frames the domain owns, never writable over a
+///   shadowed page table;
+/// - the hardware's CR3 and PDPTE registers ([`check_hardware_caches`]);
+/// - the work of the step stayed within its bound ([`check_call_work`]).
+#[track_caller]
+pub fn assert_isolated(m: &ShadowMachine, since: &Stats, step: &str) {
+    let mut out = Vec::new();
+    let d = m.domain();
+    let report = audit(d);
+    if !report.is_clean() {
+        out.push(format!("audit: {:?}", report.violations));
+    }
+    let (n, first) = m.mismatches();
+    if n != 0 {
+        out.push(format!("{n} oracle mismatches: {first:?}"));
+    }
+    if let Some(e) = d.failure() {
+        out.push(format!("the domain failed: {e}"));
+    }
+    let owned = owned_ram(d);
+    for v in 0..d.vcpu_count() {
+        check_shadow_tree(d, v, &mut out);
+    }
+    check_tlbs(m, &owned, &mut out);
+    check_hardware_caches(m, &mut out);
+    check_call_work(d, since, &mut out);
+    assert!(
+        out.is_empty(),
+        "{step}: {} isolation violations:\n  {}",
+        out.len(),
+        out.iter()
+            .take(12)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+}
+
+/// The machine frames the domain owns as RAM (the p2m's RAM entries, or a PV domain's
+/// frames).
+pub fn owned_ram(d: &Dom) -> BTreeSet<Mfn> {
+    let mut owned = BTreeSet::new();
+    match d.p2m() {
+        Some(p2m) => {
+            let r = p2m.for_each_from(d.host(), shadow2::addr::Gfn::new(0), usize::MAX, |_, e| {
+                if e.ty == P2mType::Ram {
+                    owned.insert(e.mfn);
+                }
+            });
+            assert!(r.is_ok(), "the p2m cannot be read: {r:?}");
+        }
+        None => owned.extend(d.owned_frames()),
+    }
+    owned
+}
+
+/// Whether `mfn` belongs to the hypervisor side: a pool page, a p2m table or a declared
+/// hypervisor frame.
+pub fn forbidden(d: &Dom, mfn: Mfn) -> bool {
+    d.pool().contains(mfn)
+        || d.p2m().is_some_and(|p| p.owns_table_frame(mfn))
+        || d.hypervisor_frames().any(|h| h == mfn)
+}
+
+/// The shape of the hardware's tables for the domain's shadow mode.
+#[derive(Clone, Copy)]
+struct Geometry {
+    levels: PagingLevels,
+    width: u64,
+}
+
+impl Geometry {
+    fn of(d: &Dom) -> Geometry {
+        let levels = d.config().shadow_levels;
+        let width = if levels == PagingLevels::Two { 4 } else { 8 };
+        Geometry { levels, width }
+    }
+    fn entries(self, level: u8) -> u64 {
+        match (self.levels, level) {
+            (PagingLevels::Two, _) => 1024,
+            (PagingLevels::Three, 3) => 4,
+            _ => 512,
+        }
+    }
+    fn shift(self, level: u8) -> u32 {
+        if self.levels == PagingLevels::Two {
+            12 + 10 * u32::from(level - 1)
+        } else {
+            12 + 9 * u32::from(level - 1)
+        }
+    }
+    fn addr_mask(self) -> u64 {
+        if self.width == 4 {
+            bits::ADDR_MASK_4
+        } else {
+            bits::ADDR_MASK_8
+        }
+    }
+    fn canonical(self, va: u64) -> u64 {
+        if self.levels == PagingLevels::Four && va & (1 << 47) != 0 {
+            va | 0xffff_0000_0000_0000
+        } else {
+            va
+        }
+    }
+    fn nx(self) -> bool {
+        self.levels != PagingLevels::Two
+    }
+}
+
+/// Rights accumulated down a shadow walk.
+#[derive(Clone, Copy)]
+struct Rights {
+    write: bool,
+    user: bool,
+    exec: bool,
+}
+
+impl Rights {
+    fn below(self, entry: u64, g: Geometry, pdpte: bool) -> Rights {
+        if pdpte {
+            return self;
+        }
+        Rights {
+            write: self.write && entry & bits::RW != 0,
+            user: self.user && entry & bits::US != 0,
+            exec: self.exec && !(g.nx() && entry & bits::NX != 0),
+        }
+    }
+}
+
+/// The engine's fast-path marker: present with a reserved bit (51) set.
+fn is_marker(g: Geometry, e: u64) -> bool {
+    g.width == 8 && e & bits::P != 0 && e & (1 << 51) != 0
+}
+
+struct TreeWalk<'a> {
+    d: &'a Dom,
+    v: usize,
+    g: Geometry,
+    out: &'a mut Vec<String>,
+}
+
+fn check_shadow_tree(d: &Dom, v: usize, out: &mut Vec<String>) {
+    let Some(vcpu) = d.vcpu(v) else { return };
+    let (Some(pair), Some(root)) = (vcpu.pair(), vcpu.root()) else {
+        return;
+    };
+    if pair.guest() == PagingLevels::Zero {
+        // A paging-disabled vcpu runs on the p2m itself.
+        return;
+    }
+    for top in vcpu.tops() {
+        if d.shadows().containing(top).is_none() {
+            out.push(format!("vcpu {v}: top {top} is not a live shadow"));
+        }
+    }
+    let g = Geometry::of(d);
+    let top_level = g.levels.count();
+    let mut w = TreeWalk { d, v, g, out };
+    let all = Rights {
+        write: true,
+        user: true,
+        exec: true,
+    };
+    w.table(root, top_level, 0, all);
+}
+
+impl TreeWalk<'_> {
+    fn table(&mut self, table: Mfn, level: u8, va_base: u64, rights: Rights) {
+        let g = self.g;
+        for i in 0..g.entries(level) {
+            let slot = Maddr::new(table.base().raw() + i * g.width);
+            let Ok(e) = self.d.host().read_entry(slot, g.width) else {
+                self.out
+                    .push(format!("vcpu {}: shadow slot {slot} unreadable", self.v));
+                return;
+            };
+            let va = g.canonical(va_base | (i << g.shift(level)));
+            self.entry(slot, e, level, va, rights);
+        }
+    }
+
+    fn entry(&mut self, slot: Maddr, e: u64, level: u8, va: u64, rights: Rights) {
+        let g = self.g;
+        let v = self.v;
+        if e & bits::P == 0 || is_marker(g, e) {
+            let frame = (e & g.addr_mask() & !(1 << 51)) >> 12;
+            if frame != 0 && frame < HOST_FRAME_LIMIT {
+                self.out.push(format!(
+                    "vcpu {v}: non-present shadow entry {e:#x} at {slot} names machine frame {frame:#x} (L1TF)"
+                ));
+            }
+            return;
+        }
+        if self.d.config().in_hole(Gva::new(va)) {
+            return;
+        }
+        let pdpte = g.levels == PagingLevels::Three && level == 3;
+        let here = rights.below(e, g, pdpte);
+        let frame = Mfn::new((e & g.addr_mask()) >> 12);
+        let superpage = level > 1 && !pdpte && e & bits::PS != 0;
+        if level == 1 || superpage {
+            self.leaf(slot, e, va, frame, here);
+            return;
+        }
+        match self.d.shadows().containing(frame) {
+            Some((head, info)) => {
+                let kind = info.key.kind;
+                let fits = kind.level() == level - 1 || (kind == ShadowKind::VcpuTop && level > 2);
+                if !fits {
+                    self.out.push(format!(
+                        "vcpu {v}: level-{level} entry at {slot} points at a {} shadow (type confusion)",
+                        kind.name()
+                    ));
+                }
+                if self.d.shadows().is_dying(head) {
+                    self.out.push(format!(
+                        "vcpu {v}: entry at {slot} points at dying shadow {head}"
+                    ));
+                }
+                self.table(frame, level - 1, va, here);
+            }
+            None => self.out.push(format!(
+                "vcpu {v}: level-{level} entry {e:#x} at {slot} points at {frame}, not a live shadow"
+            )),
+        }
+    }
+
+    fn leaf(&mut self, slot: Maddr, e: u64, va: u64, frame: Mfn, rights: Rights) {
+        let d = self.d;
+        let v = self.v;
+        let here = format!("vcpu {v}: leaf {e:#x} at {slot} for va {va:#x}");
+        if frame.raw() >= HOST_FRAME_LIMIT {
+            // Frame bits above MAXPHYADDR: a reserved-bit fault on hardware, no mapping.
+            return;
+        }
+        if forbidden(d, frame) {
+            self.out
+                .push(format!("{here} maps hypervisor-side frame {frame}"));
+        }
+        let Some(vcpu) = d.vcpu(v) else { return };
+        let mut ctl = *vcpu.control();
+        // The guest's rights alone: no SMEP/SMAP/PKRU verdict for this supervisor read.
+        ctl.cr4 &= !(cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PKE);
+        let read = Access::new(AccessKind::Read, Privilege::Supervisor);
+        let t = match guest_walk(d, &ctl, Gva::new(va), read) {
+            Ok(t) => t,
+            Err(f) => {
+                self.out
+                    .push(format!("{here}: the guest's walk faults ({:?})", f.fault));
+                return;
+            }
+        };
+        match d.guest_frame(t.frame) {
+            Some((mfn, P2mType::Ram)) if mfn == frame => {}
+            other => self.out.push(format!(
+                "{here} maps {frame}, the guest's walk reaches {} = {other:?}",
+                t.frame
+            )),
+        }
+        let gp = t.perms;
+        if rights.write && !gp.write {
+            self.out
+                .push(format!("{here} writable, the guest's read-only"));
+        }
+        if rights.user && !gp.user {
+            self.out
+                .push(format!("{here} user, the guest's supervisor"));
+        }
+        if rights.exec && !gp.exec && self.g.nx() {
+            self.out.push(format!("{here} executable, the guest's not"));
+        }
+        if rights.write && t.leaf & bits::D == 0 {
+            self.out
+                .push(format!("{here} writable while the guest leaf's D is clear"));
+        }
+        if rights.write && d.shadows().is_page_table(frame) {
+            self.out
+                .push(format!("{here} writable over shadowed page table {frame}"));
+        }
+        let guest_keys =
+            vcpu.control().levels() == PagingLevels::Four && vcpu.control().cr4 & cr::CR4_PKE != 0;
+        if guest_keys && e & bits::PKEY_MASK != t.leaf & bits::PKEY_MASK {
+            self.out.push(format!(
+                "{here} has protection key {}, the guest's leaf {}",
+                (e & bits::PKEY_MASK) >> bits::PKEY_SHIFT,
+                (t.leaf & bits::PKEY_MASK) >> bits::PKEY_SHIFT
+            ));
+        }
+    }
+}
+
+/// Every TLB entry of every vcpu maps frames the domain owns, and none is writable over a
+/// shadowed page table.
+fn check_tlbs(m: &ShadowMachine, owned: &BTreeSet<Mfn>, out: &mut Vec<String>) {
+    let d = m.domain();
+    for v in 0..d.vcpu_count() {
+        let Some(cpu) = m.cpu(v) else { continue };
+        for entry in cpu.tlb().entries() {
+            let frames = (entry.size.bytes() / 4096).min(1024);
+            for k in 0..frames {
+                let f = Mfn::new(entry.frame.raw() + k);
+                if forbidden(d, f) {
+                    out.push(format!(
+                        "vcpu {v}: TLB maps {} -> hypervisor-side frame {f}",
+                        entry.va
+                    ));
+                } else if !owned.contains(&f) {
+                    out.push(format!(
+                        "vcpu {v}: TLB maps {} -> frame {f} the domain does not own",
+                        entry.va
+                    ));
+                }
+                if entry.perms.write && d.shadows().is_page_table(f) {
+                    out.push(format!(
+                        "vcpu {v}: TLB maps {} writable over shadowed page table {f}",
+                        entry.va
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The hardware state beyond the TLB: each paging vcpu's CR3 is the engine's root for it
+/// (a live shadow, or the p2m root while the guest does not page) and, on PAE hardware,
+/// each present PDPTE register equals the root's entry in memory and points at a live L2
+/// shadow. When the simulated CPU caches paging structures, every cached table frame must
+/// be checked here the same way.
+pub fn check_hardware_caches(m: &ShadowMachine, out: &mut Vec<String>) {
+    let d = m.domain();
+    for v in 0..d.vcpu_count() {
+        let (Some(cpu), Some(vcpu)) = (m.cpu(v), d.vcpu(v)) else {
+            continue;
+        };
+        if cpu.levels() == PagingLevels::Zero {
+            continue;
+        }
+        let hw = cpu.control();
+        let cr3_frame = Mfn::new((hw.cr3 & bits::ADDR_MASK_8) >> 12);
+        if vcpu.root() != Some(cr3_frame) {
+            out.push(format!(
+                "vcpu {v}: hardware CR3 {cr3_frame} but the engine's root is {:?}",
+                vcpu.root()
+            ));
+        }
+        let on_p2m = vcpu.pair().is_some_and(|p| p.guest() == PagingLevels::Zero);
+        let table_ok = |f: Mfn, level: Option<u8>| {
+            if on_p2m {
+                return d.p2m().is_some_and(|p| p.owns_table_frame(f));
+            }
+            match d.shadows().containing(f) {
+                Some((head, info)) => {
+                    !d.shadows().is_dying(head) && level.is_none_or(|l| info.key.kind.level() == l)
+                }
+                None => false,
+            }
+        };
+        if !table_ok(cr3_frame, None) {
+            out.push(format!(
+                "vcpu {v}: hardware CR3 {cr3_frame} is not a live table"
+            ));
+        }
+        if cpu.levels() != PagingLevels::Three {
+            continue;
+        }
+        for (i, &reg) in hw.pdptes.iter().enumerate() {
+            let slot = Maddr::new((hw.cr3 & 0xffff_ffe0) + 8 * i as u64);
+            let in_memory = d.host().read_u64(slot).ok();
+            if reg & bits::P == 0 {
+                continue;
+            }
+            let f = Mfn::new((reg & bits::ADDR_MASK_8) >> 12);
+            if !table_ok(f, Some(2)) {
+                out.push(format!(
+                    "vcpu {v}: PDPTE register {i} = {reg:#x} points at {f}, not a live L2"
+                ));
+            }
+            if in_memory != Some(reg) {
+                out.push(format!(
+                    "vcpu {v}: PDPTE register {i} = {reg:#x} but the root holds {in_memory:x?} (no reload)"
+                ));
+            }
+        }
+    }
+}
+
+/// The work one step may do: a step is one host call (or one instruction, a few calls),
+/// and none may scan or validate more shadow entries than the whole pool holds (a CR3 load
+/// finishes its scan "bounded by the pool"; everything else is bounded by a budget far
+/// below). Once `Stats` counts the work of each call, that counter is checked here.
+pub fn check_call_work(d: &Dom, since: &Stats, out: &mut Vec<String>) {
+    let per_page = if d.config().shadow_levels == PagingLevels::Two {
+        1024
+    } else {
+        512
+    };
+    let bound = d.pool().total_pages() as u64 * per_page;
+    let s = d.stats();
+    let work = (s.scanned_entries - since.scanned_entries)
+        + (s.validated_entries - since.validated_entries);
+    if work > 2 * bound {
+        out.push(format!(
+            "the step touched {work} shadow entries, more than twice the pool's {bound}"
+        ));
+    }
+}
