@@ -20,8 +20,8 @@ use shadow2_machine::sim::ShadowMachine;
 
 type Dom = Domain<SparseMemory>;
 
-/// MAXPHYADDR of the simulated host: a frame number at or above `1 << (48 - 12)` cannot name
-/// memory, which is what a not-present entry's address bits must do (L1TF).
+/// MAXPHYADDR of the simulated host: frame bits at or above `1 << (48 - 12)` are reserved,
+/// and a speculative load through a faulting entry (L1TF) uses only the bits below.
 const HOST_FRAME_LIMIT: u64 = 1 << (48 - 12);
 
 /// Checks, after one step of a scenario, everything isolation needs:
@@ -167,6 +167,44 @@ fn is_marker(g: Geometry, e: u64) -> bool {
     g.width == 8 && e & bits::P != 0 && e & (1 << 51) != 0
 }
 
+/// The engine's MMIO marker (a marker of type 2).
+fn is_mmio_marker(g: Geometry, e: u64) -> bool {
+    is_marker(g, e) && e & (7 << 9) == 2 << 9
+}
+
+/// The machine frame a faulting entry's address bits below MAXPHYADDR name, if that frame
+/// exists on this host (frame 0 is the conventional empty entry and is not counted). A
+/// terminal fault on such an entry loads from that frame speculatively (L1TF).
+fn names_machine_frame(d: &Dom, e: u64, g: Geometry) -> Option<Mfn> {
+    let frame = (e & g.addr_mask() & ((HOST_FRAME_LIMIT << 12) - 1)) >> 12;
+    let mfn = Mfn::new(frame);
+    (frame != 0 && d.host().contains(mfn)).then_some(mfn)
+}
+
+/// Every MMIO marker in the shadows whose address bits below MAXPHYADDR name a machine
+/// frame of this host: (slot, entry). The marker carries the guest's frame number, which a
+/// terminal fault (L1TF) would use as a machine address.
+pub fn mmio_markers_naming_memory(d: &Dom) -> Vec<(Maddr, u64)> {
+    let g = Geometry::of(d);
+    let mut found = Vec::new();
+    for (head, info) in d.shadows().shadows() {
+        if !info.key.kind.is_leaf_table() {
+            continue;
+        }
+        let bytes = 4096u64 << info.order;
+        for off in (0..bytes).step_by(g.width as usize) {
+            let slot = Maddr::new(head.base().raw() + off);
+            if let Ok(e) = d.host().read_entry(slot, g.width)
+                && is_mmio_marker(g, e)
+                && names_machine_frame(d, e, g).is_some()
+            {
+                found.push((slot, e));
+            }
+        }
+    }
+    found
+}
+
 struct TreeWalk<'a> {
     d: &'a Dom,
     v: usize,
@@ -218,10 +256,12 @@ impl TreeWalk<'_> {
         let g = self.g;
         let v = self.v;
         if e & bits::P == 0 || is_marker(g, e) {
-            let frame = (e & g.addr_mask() & !(1 << 51)) >> 12;
-            if frame != 0 && frame < HOST_FRAME_LIMIT {
+            // MMIO markers are checked on their own (`mmio_markers_naming_memory`).
+            if !is_mmio_marker(g, e)
+                && let Some(frame) = names_machine_frame(self.d, e, g)
+            {
                 self.out.push(format!(
-                    "vcpu {v}: non-present shadow entry {e:#x} at {slot} names machine frame {frame:#x} (L1TF)"
+                    "vcpu {v}: non-present shadow entry {e:#x} at {slot} names machine frame {frame} (L1TF)"
                 ));
             }
             return;
