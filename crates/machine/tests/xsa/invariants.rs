@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use shadow2::addr::{Gva, Maddr, Mfn};
 use shadow2::audit::audit;
 use shadow2::domain::Domain;
-use shadow2::host::MachineMemory;
 use shadow2::p2m::P2mType;
 use shadow2::paging::bits::{self, cr};
 use shadow2::paging::{Access, AccessKind, PagingLevels, PhysMem, Privilege};
@@ -477,5 +476,66 @@ pub fn check_call_work(d: &Dom, since: &Stats, out: &mut Vec<String>) {
         out.push(format!(
             "the step touched {work} shadow entries, more than twice the pool's {bound}"
         ));
+    }
+}
+
+/// The checks above can fail: each corruption of a healthy machine is caught.
+#[cfg(test)]
+mod self_test {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    use shadow2::addr::Mfn;
+    use shadow2::multi::Pair;
+    use shadow2::paging::bits;
+
+    use crate::engine_support::{DATA, leaf_mappings_of, poke_machine};
+    use crate::harness::{DATA_GFN, Xsa};
+
+    /// A 4-on-4 guest with X mapped and read: (machine, X's shadow leaf slot, leaf).
+    fn healthy() -> (Xsa, u64, u64) {
+        let mut x = Xsa::new(Pair::P4on4, 1, 128);
+        let cr3 = x.space();
+        x.map(cr3, 0x40_3000, DATA_GFN, DATA);
+        x.run(0, cr3);
+        x.read(0, 0x40_3000).unwrap();
+        let mfn = x.mfn(DATA_GFN);
+        let (slot, leaf) = leaf_mappings_of(&x.m, mfn)[0];
+        (x, slot, leaf)
+    }
+
+    fn caught(x: &mut Xsa, expect: &str) {
+        let r = catch_unwind(AssertUnwindSafe(|| x.step("corrupted")));
+        let msg = match r {
+            Ok(()) => panic!("the corruption went unnoticed"),
+            Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
+        };
+        assert!(msg.contains(expect), "{msg}");
+    }
+
+    #[test]
+    fn a_leaf_naming_a_pool_frame_is_caught() {
+        let (mut x, slot, leaf) = healthy();
+        let pool = x.domain().pool().allocated_blocks().next().unwrap().0;
+        let bad = (leaf & !bits::ADDR_MASK_8) | pool.base().raw();
+        poke_machine(&mut x.m, slot, bad);
+        caught(&mut x, "hypervisor-side frame");
+    }
+
+    #[test]
+    fn a_writable_leaf_over_a_page_table_is_caught() {
+        let (mut x, slot, leaf) = healthy();
+        let cr3 = x.m.guest_control(0).cr3;
+        let l1 = x.t.table_of(&mut x.m, cr3, 0x40_3000, 1);
+        let table = x.mfn(l1);
+        let bad = (leaf & !bits::ADDR_MASK_8) | table.base().raw() | bits::RW;
+        poke_machine(&mut x.m, slot, bad);
+        caught(&mut x, "writable over shadowed page table");
+    }
+
+    #[test]
+    fn a_not_present_entry_naming_memory_is_caught() {
+        let (mut x, slot, _) = healthy();
+        poke_machine(&mut x.m, slot, Mfn::new(5).base().raw());
+        caught(&mut x, "(L1TF)");
     }
 }

@@ -2,7 +2,6 @@
 //! translations of them, and frames that are page tables (the top level included).
 
 use shadow2::addr::{Gfn, Gpa, Maddr, Mfn};
-use shadow2::host::MachineMemory;
 use shadow2::p2m::P2mType;
 use shadow2::paging::PhysMem;
 use shadow2_machine::sim::GuestError;

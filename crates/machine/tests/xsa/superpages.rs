@@ -8,8 +8,6 @@ use shadow2_machine::sim::GuestError;
 use crate::engine_support::{DATA, PAGING_PAIRS, TABLE};
 use crate::harness::{DATA_GFN, Xsa};
 
-/// Pairs whose guest has 8-byte entries.
-const WIDE_PAIRS: [Pair; 3] = [Pair::P3on3, Pair::P3on4, Pair::P4on4];
 /// Where scenarios put their superpage (PDE 256 of the first L2 in PAE and 64-bit guests).
 const REGION: u64 = 0x2000_0000;
 
