@@ -5,7 +5,7 @@
 
 use shadow2::addr::{Gpa, Gva};
 use shadow2::domain::EmulateOutcome;
-use shadow2::emulate::{CodeMode, Regs};
+use shadow2::emulate::Regs;
 use shadow2::multi::Pair;
 use shadow2::paging::PagingLevels;
 use shadow2::paging::bits::{self, cr};
@@ -61,38 +61,44 @@ fn issue10_write_straddling_a_page_table_and_mmio_is_all_or_nothing() {
 
 /// SMAP and RFLAGS.AC: the emulator must check a supervisor write to a user page with the
 /// AC flag of the registers it is handed (the instruction's state), not a copy taken at
-/// the last mode change. Replayed on 64-bit guests with CR4.SMAP: the kernel writes a PTE
-/// through a user mapping of its L1 with AC set in the registers and clear in the saved
-/// state (must complete), and the reverse (must fault).
+/// the last mode change. Replayed on every paging pair with CR4.SMAP: the kernel writes a
+/// PTE through a user mapping of its L1 with AC set in the registers and clear in the
+/// saved state (must complete), and the reverse (must fault).
 #[test]
 #[ignore = "engine bug: the emulator checks SMAP with a stale copy of RFLAGS.AC instead of the registers it is handed"]
 fn issue10_smap_uses_the_ac_flag_of_the_registers_handed_to_the_emulator() {
     const AC: u64 = cr::RFLAGS_AC;
-    for (saved_ac, regs_ac) in [(0, AC), (AC, 0)] {
-        let mut x = Xsa::new(Pair::P4on4, 1, 128);
-        let cr3 = x.space();
-        x.map(cr3, X, DATA_GFN, DATA);
-        let l1 = x.t.table_of(&mut x.m, cr3, X, 1);
-        x.map(cr3, PT_VA, l1, DATA);
-        let mut ctl = control(PagingLevels::Four, cr3);
-        ctl.cr4 |= cr::CR4_SMAP;
-        ctl.rflags = saved_ac;
-        x.m.set_paging(0, ctl).unwrap();
-        x.step("SMAP on");
-        x.m.write_phys(Gpa::new(CODE_GFN << 12), &[0x48, 0x89, 0x07])
-            .unwrap();
-        let index = (X >> 12) & 511;
-        let mut regs = Regs::new(CodeMode::Bits64);
-        regs.rip = CODE_VA;
-        regs.rflags = regs_ac;
-        regs.gpr[Regs::RDI] = PT_VA + 8 * index;
-        regs.gpr[Regs::RAX] = ((DATA_GFN + 1) << 12) | DATA;
-        let gpa = Gpa::new((l1 << 12) + 8 * index);
-        let r = x.host("emulate", |d| d.emulate(0, &mut regs, gpa));
-        match (regs_ac != 0, r) {
-            (true, Ok(EmulateOutcome::Done(d))) if d.complete => {}
-            (false, Ok(EmulateOutcome::Fault(_))) => {}
-            (allowed, other) => panic!("AC in regs {allowed}: {other:?}"),
+    for pair in PAGING_PAIRS {
+        for (saved_ac, regs_ac) in [(0, AC), (AC, 0)] {
+            let mut x = Xsa::new(pair, 1, 128);
+            let cr3 = x.space();
+            x.map(cr3, X, DATA_GFN, DATA);
+            let l1 = x.t.table_of(&mut x.m, cr3, X, 1);
+            x.map(cr3, PT_VA, l1, DATA);
+            let mut ctl = control(pair.guest(), cr3);
+            ctl.cr4 |= cr::CR4_SMAP;
+            ctl.rflags = saved_ac;
+            x.m.set_paging(0, ctl).unwrap();
+            x.step("SMAP on");
+            let code: &[u8] = if pair.guest() == PagingLevels::Four {
+                &[0x48, 0x89, 0x07]
+            } else {
+                &[0x89, 0x07]
+            };
+            x.m.write_phys(Gpa::new(CODE_GFN << 12), code).unwrap();
+            let offset = x.l1_index(X) * x.t.entry_bytes();
+            let mut regs = Regs::new(x.code_mode());
+            regs.rip = CODE_VA;
+            regs.rflags = regs_ac;
+            regs.gpr[Regs::RDI] = PT_VA + offset;
+            regs.gpr[Regs::RAX] = ((DATA_GFN + 1) << 12) | DATA;
+            let gpa = Gpa::new((l1 << 12) + offset);
+            let r = x.host("emulate", |d| d.emulate(0, &mut regs, gpa));
+            match (regs_ac != 0, r) {
+                (true, Ok(EmulateOutcome::Done(d))) if d.complete => {}
+                (false, Ok(EmulateOutcome::Fault(_))) => {}
+                (allowed, other) => panic!("{pair:?}: AC in regs {allowed}: {other:?}"),
+            }
         }
     }
 }

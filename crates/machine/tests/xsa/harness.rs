@@ -4,7 +4,7 @@
 //! [`assert_isolated`].
 
 use shadow2::addr::{Gfn, Gpa, Gva, Mfn};
-use shadow2::domain::{Domain, EngineError};
+use shadow2::domain::{Domain, DomainConfig, EngineError};
 use shadow2::emulate::{CodeMode, Regs};
 use shadow2::flush::Flush;
 use shadow2::multi::Pair;
@@ -14,7 +14,7 @@ use shadow2::stats::Stats;
 use shadow2_machine::memory::SparseMemory;
 use shadow2_machine::sim::{GuestError, ShadowMachine};
 
-use crate::engine_support::{SUP, Tables, control, hvm, machine};
+use crate::engine_support::{MACHINE_FRAMES, SUP, Tables, control, hvm, machine};
 use crate::invariants::assert_isolated;
 
 /// Guest frames of RAM every scenario machine has.
@@ -39,6 +39,8 @@ pub struct Xsa {
     pub t: Tables,
     since: Stats,
     steps: usize,
+    /// The guest frame of the kernel's code page.
+    code_gfn: u64,
 }
 
 impl Xsa {
@@ -53,7 +55,39 @@ impl Xsa {
             t: Tables::new(pair.guest(), TABLE_FRAMES.start, TABLE_FRAMES.end),
             since,
             steps: 0,
+            code_gfn: CODE_GFN,
         }
+    }
+
+    /// A non-translated (PV) domain on `pair`'s shadow mode owning `frames` machine frames,
+    /// from which the guest takes its tables (the first half) and data (the rest): returns
+    /// the scenario and the data frames. The code page is the first data frame.
+    pub fn pv(pair: Pair, vcpus: usize, frames: usize) -> (Xsa, Vec<u64>) {
+        let config = DomainConfig {
+            translated: false,
+            ..hvm(pair.shadow(), vcpus, 128)
+        };
+        let mut m = ShadowMachine::new(MACHINE_FRAMES, config).expect("a PV domain");
+        let owned: Vec<u64> = (0..frames)
+            .map(|_| {
+                let mfn = crate::engine_support::host_frame(&mut m);
+                m.domain_mut()
+                    .add_frame(mfn)
+                    .expect("a frame for the guest");
+                mfn.raw()
+            })
+            .collect();
+        let (tables, data) = owned.split_at(frames / 2);
+        let since = *m.domain().stats();
+        let x = Xsa {
+            pair,
+            m,
+            t: Tables::with_frames(pair.guest(), tables),
+            since,
+            steps: 0,
+            code_gfn: data[0],
+        };
+        (x, data[1..].to_vec())
     }
 
     pub fn levels(&self) -> PagingLevels {
@@ -78,7 +112,7 @@ impl Xsa {
     pub fn space(&mut self) -> u64 {
         let cr3 = self.t.new_root(0x40);
         self.t
-            .map(&mut self.m, cr3, CODE_VA, CODE_GFN, KDATA & !bits::RW);
+            .map(&mut self.m, cr3, CODE_VA, self.code_gfn, KDATA & !bits::RW);
         cr3
     }
 
@@ -144,7 +178,7 @@ impl Xsa {
         setup: impl FnOnce(&mut Regs),
     ) -> Result<Regs, GuestError> {
         self.m
-            .write_phys(Gpa::new(CODE_GFN << 12), code)
+            .write_phys(Gpa::new(self.code_gfn << 12), code)
             .expect("the code page");
         let mut regs = Regs::new(self.code_mode());
         regs.rip = CODE_VA;
