@@ -32,7 +32,7 @@ fn issue10_failed_set_p2m_hands_out_the_flush_it_owes() {
         x.run(0, cr3);
         x.run(1, cr3);
         // Entry 0 of the page, once it is an L1, maps the next data frame.
-        x.write(0, X, ((DATA_GFN + 1) << 12) | DATA).unwrap();
+        x.store(0, X, ((DATA_GFN + 1) << 12) | DATA).unwrap();
         x.write(1, X + 8, 0).unwrap();
         let before = x.domain().guest_frame(Gfn::new(DATA_GFN));
         let failed = UNSTORABLE.iter().any(|&raw| {

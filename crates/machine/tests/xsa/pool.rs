@@ -20,8 +20,8 @@ fn processes(x: &mut Xsa, n: u64) -> Vec<u64> {
         .collect()
 }
 
-/// XSA-410 family (2022, the paging-memory pool: a guest could make the hypervisor spend
-/// its pool, and freeing it took unbounded time). Replayed: a fork bomb on the smallest pool
+/// XSA-410 family (2022): freeing the paging-memory pool could take unbounded time; the
+/// family here is the pool under a guest's pressure. Replayed: a fork bomb on the smallest pool
 /// the domain accepts: two vcpus switch among 40 address spaces and touch two regions in
 /// each, forcing eviction on nearly every switch. Must hold: the domain never fails, every
 /// access completes with the guest's data, and no vcpu ever runs on an evicted shadow.

@@ -9,6 +9,8 @@ use crate::engine_support::{DATA, PAGING_PAIRS, TABLE};
 use crate::harness::{DATA_GFN, PAE_PAIRS, Xsa};
 
 const X: u64 = 0x40_3000;
+/// An address whose L1 maps nothing else the scenario needs (not the kernel's code).
+const X2: u64 = 0x100_3000;
 
 /// Where a self-mapped guest sees its page tables: (the linear PTE of `va`, the linear
 /// address of the self entry itself).
@@ -145,38 +147,38 @@ fn xsa_280_page_table_also_reached_through_the_self_map_is_recycled() {
     for pair in PAGING_PAIRS {
         let mut x = Xsa::new(pair, 1, 128);
         let cr3 = x.space();
-        x.map(cr3, X, DATA_GFN, DATA);
-        let l1 = x.t.table_of(&mut x.m, cr3, X, 1);
-        let l2_slot = x.slot(cr3, X, 2);
+        x.map(cr3, X2, DATA_GFN, DATA);
+        let l1 = x.t.table_of(&mut x.m, cr3, X2, 1);
+        let l2_slot = x.slot(cr3, X2, 2);
         self_map(&mut x, cr3);
         x.run(0, cr3);
-        let (pte_va, _) = linear(x.levels(), X);
-        x.read(0, X).unwrap();
+        let (pte_va, _) = linear(x.levels(), X2);
+        x.read(0, X2).unwrap();
         x.read(0, pte_va).unwrap();
         // Unlink the L1 and reuse it as a data page mapped writable elsewhere.
         x.t.write(&mut x.m, l2_slot, 0);
         x.cr3(0, cr3).unwrap();
-        let reuse = 0x100_0000;
+        let reuse = 0x200_0000;
         x.map(cr3, reuse, l1, DATA);
         x.cr3(0, cr3).unwrap();
         x.write(0, reuse, 0).unwrap();
         x.write(0, reuse + 8, 0).unwrap();
-        // Link it again as the L1 of X, now empty but for one new PTE written as data.
+        // Link it again as the L1 of X2, now empty but for one new PTE written as data.
         let eb = x.t.entry_bytes();
-        let idx = x.l1_index(X);
-        x.write(0, reuse + idx * eb, ((DATA_GFN + 2) << 12) | DATA)
+        let idx = x.l1_index(X2);
+        x.store(0, reuse + idx * eb, ((DATA_GFN + 2) << 12) | DATA)
             .unwrap();
         x.t.write(&mut x.m, l2_slot, (l1 << 12) | TABLE);
         x.cr3(0, cr3).unwrap();
-        x.read(0, X).unwrap();
+        x.read(0, X2).unwrap();
         x.read(0, pte_va).unwrap();
         // Now a table: data writes through `reuse` are emulated.
-        x.write(0, reuse + idx * eb, ((DATA_GFN + 3) << 12) | DATA)
+        x.store(0, reuse + idx * eb, ((DATA_GFN + 3) << 12) | DATA)
             .unwrap();
-        x.m.invlpg(0, Gva::new(X)).unwrap();
+        x.m.invlpg(0, Gva::new(X2)).unwrap();
         x.m.write_phys(shadow2::addr::Gpa::new((DATA_GFN + 3) << 12), &[3])
             .unwrap();
-        assert_eq!(x.read(0, X).unwrap() & 0xff, 3, "{pair:?}");
+        assert_eq!(x.read(0, X2).unwrap() & 0xff, 3, "{pair:?}");
     }
 }
 
@@ -209,7 +211,7 @@ fn xsa_408_tlb_flush_when_a_page_becomes_a_table_through_the_self_map() {
         );
         // vcpu 1's write is now a page-table write.
         let before = x.m.traps().emulated_writes;
-        x.write(1, X + 8, ((DATA_GFN + 6) << 12) | DATA).unwrap();
-        assert_eq!(x.m.traps().emulated_writes, before + 1, "{pair:?}");
+        x.store(1, X + 8, ((DATA_GFN + 6) << 12) | DATA).unwrap();
+        assert!(x.m.traps().emulated_writes > before, "{pair:?}");
     }
 }

@@ -44,8 +44,8 @@ fn two_levels(pair: shadow2::multi::Pair) -> (Xsa, u64, u64, u64, usize) {
     (x, f, d, b_base, walker)
 }
 
-/// XSA-248 family (2017): a guest kept access to a page the hypervisor used as something
-/// else, because one mapping path did not recheck the page's type. Replayed: one page is an
+/// XSA-248 family (2017): a PV guest could gain a mapping of a page the hypervisor used
+/// internally, through a mapping path whose checks on the target page were incomplete. Replayed: one page is an
 /// L1 of one address and an L2 of another, so the data page its entry 0 names is both data
 /// (mapped writable at `VA_A`) and an L1 table. Must hold: once the data page is walked as
 /// a table, no shadow or TLB entry lets the guest write it directly (writes are emulated
@@ -62,7 +62,7 @@ fn xsa_248_page_used_as_data_and_as_a_table_at_two_levels() {
         // A data write to `d` now is a page-table write: emulated, then visible as a PTE.
         let pte = ((DATA_GFN + 2) << 12) | DATA;
         let at = VA_A + x.t.entry_bytes();
-        x.write(0, at, pte).unwrap();
+        x.store(0, at, pte).unwrap();
         let traps = x.m.traps();
         assert!(traps.emulated_writes >= 1, "{pair:?}: {traps:?}");
         x.write(0, VA_A + 0x800, 0x1234).unwrap();
@@ -109,7 +109,7 @@ fn xsa_219_emulated_pte_writes_into_an_l1_mapping_itself() {
         assert_eq!(own & frame_bits, DATA_GFN << 12, "{pair:?}");
         // A PTE written through the self-mapping is emulated too.
         let through_self = self_va + x.l1_index(VA_A + 6 * 0x1000) * eb;
-        x.write(0, through_self, ((DATA_GFN + 6) << 12) | DATA)
+        x.store(0, through_self, ((DATA_GFN + 6) << 12) | DATA)
             .unwrap();
         assert_eq!(x.read(0, VA_A + 6 * 0x1000).unwrap(), 0, "{pair:?}");
         // Teardown: every entry cleared by the kernel's store, then the L1 unlinked.
