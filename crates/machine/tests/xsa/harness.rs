@@ -10,12 +10,11 @@ use shadow2::flush::Flush;
 use shadow2::multi::Pair;
 use shadow2::p2m::P2mType;
 use shadow2::paging::{ControlState, PagingLevels, bits};
-use shadow2::stats::Stats;
 use shadow2_machine::memory::SparseMemory;
 use shadow2_machine::sim::{GuestError, ShadowMachine};
 
 use crate::engine_support::{MACHINE_FRAMES, SUP, Tables, control, hvm, machine};
-use crate::invariants::assert_isolated;
+use crate::invariants::{Calls, Since, assert_isolated};
 
 /// Guest frames of RAM every scenario machine has.
 pub const RAM: u64 = 400;
@@ -37,7 +36,7 @@ pub struct Xsa {
     pub pair: Pair,
     pub m: ShadowMachine,
     pub t: Tables,
-    since: Stats,
+    since: Since,
     steps: usize,
     /// The guest frame of the kernel's code page.
     code_gfn: u64,
@@ -48,7 +47,7 @@ impl Xsa {
     /// mode on its shadow mode.
     pub fn new(pair: Pair, vcpus: usize, pool: usize) -> Xsa {
         let m = machine(hvm(pair.shadow(), vcpus, pool), RAM);
-        let since = *m.domain().stats();
+        let since = Since::now(&m);
         Xsa {
             pair,
             m,
@@ -78,7 +77,7 @@ impl Xsa {
             })
             .collect();
         let (tables, data) = owned.split_at(frames / 2);
-        let since = *m.domain().stats();
+        let since = Since::now(&m);
         let x = Xsa {
             pair,
             m,
@@ -101,10 +100,14 @@ impl Xsa {
     /// Checks every isolation invariant after the step just done.
     #[track_caller]
     pub fn step(&mut self, what: &str) {
+        self.checked(Calls::Several, what);
+    }
+
+    #[track_caller]
+    fn checked(&mut self, calls: Calls, what: &str) {
         self.steps += 1;
         let label = format!("{:?} step {} ({what})", self.pair, self.steps);
-        assert_isolated(&self.m, &self.since, &label);
-        self.since = *self.m.domain().stats();
+        assert_isolated(&self.m, &mut self.since, calls, &label);
     }
 
     /// A new address space with the kernel's code page mapped: its CR3 value (a PAE PDPT
@@ -141,7 +144,7 @@ impl Xsa {
     /// MOV to CR3.
     pub fn cr3(&mut self, v: usize, cr3: u64) -> Result<(), GuestError> {
         let r = self.m.set_cr3(v, cr3);
-        self.step("CR3 load");
+        self.checked(Calls::One { by: Some(v) }, "CR3 load");
         r
     }
 
@@ -254,7 +257,7 @@ impl Xsa {
             self.m.settle(flush);
             value
         });
-        self.step(what);
+        self.checked(Calls::One { by: None }, what);
         r
     }
 

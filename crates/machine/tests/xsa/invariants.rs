@@ -3,7 +3,7 @@
 //! root, entry by entry, and every leaf is compared with the guest's own walk of the same
 //! address and with the p2m.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use shadow2::addr::{Gva, Maddr, Mfn};
 use shadow2::audit::audit;
@@ -12,7 +12,7 @@ use shadow2::p2m::P2mType;
 use shadow2::paging::bits::{self, cr};
 use shadow2::paging::{Access, AccessKind, PagingLevels, PhysMem, Privilege};
 use shadow2::stats::Stats;
-use shadow2::types::ShadowKind;
+use shadow2::types::{ShadowKey, ShadowKind};
 use shadow2_machine::memory::SparseMemory;
 use shadow2_machine::oracle::guest_walk;
 use shadow2_machine::sim::ShadowMachine;
@@ -33,9 +33,25 @@ const HOST_FRAME_LIMIT: u64 = 1 << (48 - 12);
 /// - every TLB entry of every vcpu maps only frames the domain owns, never writable over a
 ///   shadowed page table;
 /// - the hardware's CR3 and PDPTE registers ([`check_hardware_caches`]);
+/// - no shadow page a vcpu could reach at the previous step was reused as another shadow
+///   (or given back to the host) without a flush of that vcpu in between
+///   ([`check_reuse_after_flush`]);
 /// - the work of the step stayed within its bound ([`check_call_work`]).
+/// How many engine calls a step made, and for whom: a step of one call lets the check of
+/// shadow-page reuse be exact for the vcpus that kept running during it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calls {
+    /// Possibly several calls (an access that faults, is fixed and retried).
+    Several,
+    /// Exactly one call, made for vcpu `by` (None: a host call, every vcpu kept running).
+    One {
+        /// The vcpu the call was made for (it was not running during it).
+        by: Option<usize>,
+    },
+}
+
 #[track_caller]
-pub fn assert_isolated(m: &ShadowMachine, since: &Stats, step: &str) {
+pub fn assert_isolated(m: &ShadowMachine, since: &mut Since, calls: Calls, step: &str) {
     let mut out = Vec::new();
     let d = m.domain();
     let report = audit(d);
@@ -50,12 +66,18 @@ pub fn assert_isolated(m: &ShadowMachine, since: &Stats, step: &str) {
         out.push(format!("the domain failed: {e}"));
     }
     let owned = owned_ram(d);
-    for v in 0..d.vcpu_count() {
-        check_shadow_tree(d, v, &mut out);
-    }
+    let reachable: Vec<Reachable> = (0..d.vcpu_count())
+        .map(|v| check_shadow_tree(d, v, &mut out))
+        .collect();
     check_tlbs(m, &owned, &mut out);
     check_hardware_caches(m, &mut out);
-    check_call_work(d, since, &mut out);
+    check_reuse_after_flush(m, since, calls, &mut out);
+    check_call_work(d, &since.stats, &mut out);
+    *since = Since {
+        stats: *d.stats(),
+        reachable,
+        flushes: flush_counts(m),
+    };
     assert!(
         out.is_empty(),
         "{step}: {} isolation violations:\n  {}",
@@ -66,6 +88,84 @@ pub fn assert_isolated(m: &ShadowMachine, since: &Stats, step: &str) {
             .collect::<Vec<_>>()
             .join("\n  ")
     );
+}
+
+/// Shadow table pages reachable from one vcpu's root (below the root itself), with the
+/// shadow each belonged to.
+pub type Reachable = BTreeMap<Mfn, ShadowKey>;
+
+/// What the previous step left: the counters, the pages each vcpu could reach, and how
+/// many flushes each vcpu's TLB had seen.
+#[derive(Debug, Default)]
+pub struct Since {
+    stats: Stats,
+    reachable: Vec<Reachable>,
+    flushes: Vec<u64>,
+}
+
+impl Since {
+    /// The state of `m` now.
+    pub fn now(m: &ShadowMachine) -> Since {
+        let d = m.domain();
+        let mut ignored = Vec::new();
+        Since {
+            stats: *d.stats(),
+            reachable: (0..d.vcpu_count())
+                .map(|v| check_shadow_tree(d, v, &mut ignored))
+                .collect(),
+            flushes: flush_counts(m),
+        }
+    }
+}
+
+/// Per vcpu: the TLB flushes of any kind (INVLPG, CR3 load, full) so far. Each of them
+/// also empties the paging-structure caches of real hardware (SDM 4.10.4.1).
+fn flush_counts(m: &ShadowMachine) -> Vec<u64> {
+    (0..m.domain().vcpu_count())
+        .map(|v| {
+            m.cpu(v).map_or(0, |c| {
+                let s = c.tlb().stats();
+                s.invlpgs + s.non_global_flushes + s.full_flushes
+            })
+        })
+        .collect()
+}
+
+/// A shadow page that vcpu `v` could reach at the previous step may sit in `v`'s
+/// paging-structure caches until `v` is flushed: reusing it as another shadow, or giving
+/// it back to the host, before that flush lets `v` walk it at its old meaning. When the
+/// step was one engine call, a vcpu that kept running during it cannot have been flushed
+/// before the call's end (the flush is handed out with its result), so any reuse of a
+/// page it could reach is too early (deferred free); otherwise a flush of `v` anywhere in
+/// the step is accepted.
+fn check_reuse_after_flush(m: &ShadowMachine, since: &Since, calls: Calls, out: &mut Vec<String>) {
+    let d = m.domain();
+    let now = flush_counts(m);
+    for (v, pages) in since.reachable.iter().enumerate() {
+        let kept_running = matches!(calls, Calls::One { by } if by != Some(v));
+        let flushed = now.get(v) != since.flushes.get(v);
+        if flushed && !kept_running {
+            continue;
+        }
+        for (&page, key) in pages {
+            let reused = match d.shadows().containing(page) {
+                Some((_, info)) => info.key != *key,
+                None => !d.pool().contains(page),
+            };
+            if reused {
+                let when = if kept_running {
+                    "within one call, before that call's flush"
+                } else {
+                    "without a flush of this vcpu"
+                };
+                out.push(format!(
+                    "vcpu {v}: shadow page {page} ({} of frame {:#x}) reused {when}",
+                    key.kind.name(),
+                    key.frame
+                ));
+            }
+        }
+    }
 }
 
 /// The machine frames the domain owns as RAM (the p2m's RAM entries, or a PV domain's
@@ -209,16 +309,20 @@ struct TreeWalk<'a> {
     v: usize,
     g: Geometry,
     out: &'a mut Vec<String>,
+    reachable: Reachable,
 }
 
-fn check_shadow_tree(d: &Dom, v: usize, out: &mut Vec<String>) {
-    let Some(vcpu) = d.vcpu(v) else { return };
+/// Checks every entry reachable from vcpu `v`'s root; returns the table pages reached.
+fn check_shadow_tree(d: &Dom, v: usize, out: &mut Vec<String>) -> Reachable {
+    let Some(vcpu) = d.vcpu(v) else {
+        return Reachable::new();
+    };
     let (Some(pair), Some(root)) = (vcpu.pair(), vcpu.root()) else {
-        return;
+        return Reachable::new();
     };
     if pair.guest() == PagingLevels::Zero {
         // A paging-disabled vcpu runs on the p2m itself.
-        return;
+        return Reachable::new();
     }
     for top in vcpu.tops() {
         if d.shadows().containing(top).is_none() {
@@ -227,13 +331,20 @@ fn check_shadow_tree(d: &Dom, v: usize, out: &mut Vec<String>) {
     }
     let g = Geometry::of(d);
     let top_level = g.levels.count();
-    let mut w = TreeWalk { d, v, g, out };
+    let mut w = TreeWalk {
+        d,
+        v,
+        g,
+        out,
+        reachable: Reachable::new(),
+    };
     let all = Rights {
         write: true,
         user: true,
         exec: true,
     };
     w.table(root, top_level, 0, all);
+    w.reachable
 }
 
 impl TreeWalk<'_> {
@@ -286,6 +397,7 @@ impl TreeWalk<'_> {
                         kind.name()
                     ));
                 }
+                self.reachable.insert(frame, info.key);
                 if self.d.shadows().is_dying(head) {
                     self.out.push(format!(
                         "vcpu {v}: entry at {slot} points at dying shadow {head}"
@@ -493,7 +605,11 @@ mod self_test {
 
     /// A 4-on-4 guest with X mapped and read: (machine, X's shadow leaf slot, leaf).
     fn healthy() -> (Xsa, u64, u64) {
-        let mut x = Xsa::new(Pair::P4on4, 1, 128);
+        healthy_with_pool(128)
+    }
+
+    fn healthy_with_pool(pool: usize) -> (Xsa, u64, u64) {
+        let mut x = Xsa::new(Pair::P4on4, 1, pool);
         let cr3 = x.space();
         x.map(cr3, 0x40_3000, DATA_GFN, DATA);
         x.run(0, cr3);
@@ -530,6 +646,68 @@ mod self_test {
         let bad = (leaf & !bits::ADDR_MASK_8) | table.base().raw() | bits::RW;
         poke_machine(&mut x.m, slot, bad);
         caught(&mut x, "writable over shadowed page table");
+    }
+
+    #[test]
+    fn a_shadow_page_reused_without_a_flush_is_caught() {
+        // The smallest pool: the freed page is the one the next shadows get.
+        let (mut x, _, _) = healthy_with_pool(0);
+        let mut since = super::Since::now(&x.m);
+        let cr3 = x.m.guest_control(0).cr3;
+        let l1 = x.t.table_of(&mut x.m, cr3, 0x40_3000, 1);
+        // The L1 goes (its shadow page is freed), new tables elsewhere reuse the page.
+        let flush =
+            x.m.domain_mut()
+                .set_p2m(shadow2::addr::Gfn::new(l1), None)
+                .unwrap();
+        x.m.settle(flush);
+        for k in 0..12u64 {
+            x.t.map(&mut x.m, cr3, 0x8000_0000 + k * 0x4000_0000, DATA_GFN, DATA);
+        }
+        for k in 0..12u64 {
+            let va = shadow2::addr::Gva::new(0x8000_0000 + k * 0x4000_0000);
+            x.m.read(0, va, crate::engine_support::SUP, &mut [0u8; 8])
+                .unwrap();
+        }
+        // As if the host had not carried out the flushes it was handed.
+        since.flushes = super::flush_counts(&x.m);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            super::assert_isolated(&x.m, &mut since, super::Calls::Several, "corrupted")
+        }));
+        let msg = r
+            .err()
+            .and_then(|e| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(msg.contains("reused without a flush"), "{msg}");
+    }
+
+    #[test]
+    fn a_shadow_page_reused_within_one_call_is_caught() {
+        let (mut x, _, _) = healthy_with_pool(0);
+        let cr3 = x.m.guest_control(0).cr3;
+        // The same reuse as above, labelled as one host call: vcpu 0 counts as having kept
+        // running, so the reuse is too early although its TLB was flushed meanwhile.
+        let mut since = super::Since::now(&x.m);
+        let l1 = x.t.table_of(&mut x.m, cr3, 0x40_3000, 1);
+        let flush =
+            x.m.domain_mut()
+                .set_p2m(shadow2::addr::Gfn::new(l1), None)
+                .unwrap();
+        x.m.settle(flush);
+        for k in 0..12u64 {
+            x.t.map(&mut x.m, cr3, 0x8000_0000 + k * 0x4000_0000, DATA_GFN, DATA);
+            let va = shadow2::addr::Gva::new(0x8000_0000 + k * 0x4000_0000);
+            x.m.read(0, va, crate::engine_support::SUP, &mut [0u8; 8])
+                .unwrap();
+        }
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            super::assert_isolated(&x.m, &mut since, super::Calls::One { by: None }, "one call")
+        }));
+        let msg = r
+            .err()
+            .and_then(|e| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(msg.contains("before that call's flush"), "{msg}");
     }
 
     #[test]
