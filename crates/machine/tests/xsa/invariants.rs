@@ -23,6 +23,19 @@ type Dom = Domain<SparseMemory>;
 /// and a speculative load through a faulting entry (L1TF) uses only the bits below.
 const HOST_FRAME_LIMIT: u64 = 1 << (48 - 12);
 
+/// How many engine calls a step made, and for whom: a step of one call lets the check of
+/// shadow-page reuse be exact for the vcpus that kept running during it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calls {
+    /// Possibly several calls (an access that faults, is fixed and retried).
+    Several,
+    /// Exactly one call, made for vcpu `by` (None: a host call, every vcpu kept running).
+    One {
+        /// The vcpu the call was made for (it was not running during it).
+        by: Option<usize>,
+    },
+}
+
 /// Checks, after one step of a scenario, everything isolation needs:
 /// - the engine's auditor is clean, the oracle saw no mismatch, the domain is alive;
 /// - every shadow entry reachable from a vcpu root: upper entries point at live shadow pages
@@ -37,19 +50,6 @@ const HOST_FRAME_LIMIT: u64 = 1 << (48 - 12);
 ///   (or given back to the host) without a flush of that vcpu in between
 ///   ([`check_reuse_after_flush`]);
 /// - the work of the step stayed within its bound ([`check_call_work`]).
-/// How many engine calls a step made, and for whom: a step of one call lets the check of
-/// shadow-page reuse be exact for the vcpus that kept running during it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Calls {
-    /// Possibly several calls (an access that faults, is fixed and retried).
-    Several,
-    /// Exactly one call, made for vcpu `by` (None: a host call, every vcpu kept running).
-    One {
-        /// The vcpu the call was made for (it was not running during it).
-        by: Option<usize>,
-    },
-}
-
 #[track_caller]
 pub fn assert_isolated(m: &ShadowMachine, since: &mut Since, calls: Calls, step: &str) {
     let mut out = Vec::new();
