@@ -148,6 +148,26 @@ impl Xsa {
         r
     }
 
+    /// One page fault taken by vcpu `v` at `va` (a supervisor read of a not-present
+    /// entry, as the hardware reports a miss), handed to the engine as one call; the flush
+    /// and reloads it returns are carried out. Its outcome, or the engine's error.
+    pub fn fault(
+        &mut self,
+        v: usize,
+        va: u64,
+    ) -> Result<shadow2::multi::FaultOutcome, EngineError> {
+        let r = self
+            .m
+            .domain_mut()
+            .page_fault(v, Gva::new(va), shadow2::paging::PfErrorCode(0));
+        let r = r.map(|(outcome, flush)| {
+            self.m.settle(flush);
+            outcome
+        });
+        self.checked(Calls::One { by: Some(v) }, "page fault");
+        r
+    }
+
     /// A supervisor read of 8 bytes at `va`.
     pub fn read(&mut self, v: usize, va: u64) -> Result<u64, GuestError> {
         let mut buf = [0u8; 8];

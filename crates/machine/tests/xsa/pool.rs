@@ -108,3 +108,46 @@ fn xsa_410_pool_shrink_while_vcpus_run_on_their_tops() {
         }
     }
 }
+
+/// Issue 10, deferred free (the class behind XSA-438's use-after-free): in a fork-heavy
+/// run on the smallest pool, vcpu 1's page faults evict shadows to make room while vcpu 0
+/// keeps running on its own address space. A fault is one engine call whose flush reaches
+/// vcpu 0 only when the call returns. Must hold: no shadow page vcpu 0 could reach before
+/// a fault is reused as another shadow by the end of that fault (it must wait for the
+/// flush), and vcpu 0's accesses keep working.
+#[test]
+fn issue10_faults_never_reuse_a_page_another_vcpu_can_reach() {
+    for pair in PAGING_PAIRS {
+        let min = hvm(pair.shadow(), 2, 0).min_pool_pages();
+        let mut x = Xsa::new(pair, 2, min);
+        let procs = processes(&mut x, 30);
+        // vcpu 0's space is wide: its shadows fill most of the pool, so vcpu 1's fills
+        // need more than evicting idle tops gives.
+        let wide: Vec<u64> = (1..28u64).map(|k| X + k * 0x40_0000).collect();
+        for (k, &va) in wide.iter().enumerate() {
+            x.map(procs[0], va, DATA_GFN + k as u64, DATA);
+        }
+        x.run(0, procs[0]);
+        x.run(1, procs[1]);
+        x.write(0, X, 9).unwrap();
+        for &va in &wide {
+            x.read(0, va).unwrap();
+        }
+        for &cr3 in &procs[1..] {
+            x.cr3(1, cr3).unwrap();
+            for va in [X, X + 0x1000, super::harness::CODE_VA] {
+                let r = x.fault(1, va);
+                assert!(r.is_ok(), "{pair:?}: {r:?}");
+            }
+            x.read(1, X).unwrap();
+            assert_eq!(x.read(0, X).unwrap(), 9, "{pair:?}");
+            for &va in &wide {
+                x.read(0, va).unwrap();
+            }
+        }
+        assert!(
+            x.domain().stats().blow_tables > 0,
+            "{pair:?}: the tables were never blown"
+        );
+    }
+}
