@@ -158,3 +158,49 @@ fn issue10_cr4_pke_not_given_to_hardware_for_guests_without_keys() {
         assert_eq!(r, Ok(()), "{pair:?}");
     }
 }
+
+/// No guest livelock: an instruction the emulator cannot do (`inc dword [rdi]`) on the top
+/// table a vcpu runs on makes the engine unshadow that page, which it needs again at once.
+/// Must hold on every pair: the emulation call completes or unshadows without failing the
+/// domain, and the guest's retry of the write (natively, as a plain store) completes in a
+/// bounded number of traps.
+#[test]
+fn issue10_unhandled_instruction_on_the_running_top_makes_progress() {
+    for pair in PAGING_PAIRS {
+        let mut x = Xsa::new(pair, 1, 128);
+        let cr3 = x.space();
+        x.map(cr3, X, DATA_GFN, DATA);
+        // The table the guest's walk starts from (for PAE, the L2 of the first gigabyte).
+        let top = if pair.guest() == PagingLevels::Three {
+            x.t.table_of(&mut x.m, cr3, X, 2)
+        } else {
+            cr3 >> 12
+        };
+        x.map(cr3, PT_VA, top, KDATA);
+        x.run(0, cr3);
+        x.read(0, X).unwrap();
+        x.m.write_phys(Gpa::new(CODE_GFN << 12), &[0xff, 0x07])
+            .unwrap();
+        // An unused entry near the end of the table.
+        let offset = 0xff0;
+        let mut regs = Regs::new(x.code_mode());
+        regs.rip = CODE_VA;
+        regs.gpr[Regs::RDI] = PT_VA + offset;
+        let gpa = Gpa::new((top << 12) + offset);
+        let r = x.host("emulate on the running top", |d| {
+            d.emulate(0, &mut regs, gpa)
+        });
+        assert!(
+            matches!(r, Ok(EmulateOutcome::Unshadowed | EmulateOutcome::Done(_))),
+            "{pair:?}: {r:?}"
+        );
+        let traps = x.m.traps().total();
+        x.write(0, PT_VA + offset, 0).unwrap();
+        assert!(
+            x.m.traps().total() - traps <= 4,
+            "{pair:?}: {:?}",
+            x.m.traps()
+        );
+        assert_eq!(x.read(0, X).unwrap(), 0, "{pair:?}");
+    }
+}
