@@ -24,7 +24,7 @@ const HOLE_GFN: u64 = 450;
 /// (the page-table part written and validated, the MMIO part given to the device), or it
 /// faults having written nothing; the domain keeps running.
 #[test]
-#[ignore = "engine bug: a write straddling a page table and a non-RAM page is not all-or-nothing"]
+#[ignore = "engine bug: a write straddling a page table and a non-RAM page writes the page-table half, then unshadows; the retry re-shadows and the instruction never completes"]
 fn issue10_write_straddling_a_page_table_and_mmio_is_all_or_nothing() {
     for pair in PAGING_PAIRS {
         let mut x = Xsa::new(pair, 1, 128);
