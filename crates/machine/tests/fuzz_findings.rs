@@ -13,7 +13,6 @@ use shadow2_machine::sim::ShadowMachine;
 /// address by mistake; the engine answered `Spurious` every time, and the host retried for
 /// ever. A bad argument must be refused, not retried.
 #[test]
-#[ignore = "engine bug: page_fault with a linear address above 4 GiB outside long mode answers Spurious for ever"]
 fn page_fault_above_4_gib_outside_long_mode_is_refused() {
     let config = DomainConfig::hvm(PagingLevels::Four, 1, 256);
     let mut m = ShadowMachine::new(1 << 14, config).expect("machine");
@@ -39,7 +38,6 @@ fn page_fault_above_4_gib_outside_long_mode_is_refused() {
 /// that maps the kernel's code), the second page is refused, and the guest gets a fault
 /// with a page table half written.
 #[test]
-#[ignore = "engine bug: an emulated write across a page table and a non-RAM page writes the first page and fails"]
 fn emulated_write_across_a_page_table_and_non_ram_changes_nothing() {
     let config = DomainConfig::hvm(PagingLevels::Four, 1, 256);
     let mut m = ShadowMachine::new(1 << 14, config).expect("machine");

@@ -24,7 +24,6 @@ const HOLE_GFN: u64 = 450;
 /// (the page-table part written and validated, the MMIO part given to the device), or it
 /// faults having written nothing; the domain keeps running.
 #[test]
-#[ignore = "engine bug: a write straddling a page table and a non-RAM page writes the page-table half, then unshadows; the retry re-shadows and the instruction never completes"]
 fn issue10_write_straddling_a_page_table_and_mmio_is_all_or_nothing() {
     for pair in PAGING_PAIRS {
         let mut x = Xsa::new(pair, 1, 128);
@@ -65,7 +64,6 @@ fn issue10_write_straddling_a_page_table_and_mmio_is_all_or_nothing() {
 /// PTE through a user mapping of its L1 with AC set in the registers and clear in the
 /// saved state (must complete), and the reverse (must fault).
 #[test]
-#[ignore = "engine bug: the emulator checks SMAP with a stale copy of RFLAGS.AC instead of the registers it is handed"]
 fn issue10_smap_uses_the_ac_flag_of_the_registers_handed_to_the_emulator() {
     const AC: u64 = cr::RFLAGS_AC;
     for pair in PAGING_PAIRS {
@@ -109,7 +107,6 @@ fn issue10_smap_uses_the_ac_flag_of_the_registers_handed_to_the_emulator() {
 /// hold: every splinter entry carries key 5, so a later user read faults with PK as the
 /// guest's own walk says.
 #[test]
-#[ignore = "engine bug: splinter entries of 2 MiB pages drop the guest's protection key"]
 fn issue10_protection_keys_kept_in_splinters_of_2m_pages() {
     let mut x = Xsa::new(Pair::P4on4, 1, 128);
     let cr3 = x.space();
@@ -139,7 +136,6 @@ fn issue10_protection_keys_kept_in_splinters_of_2m_pages() {
 /// PKRU would then apply key 0 to every user access. Replayed on 2-on-4 and 3-on-4 with
 /// PKRU denying key 0. Must hold: user reads of user pages complete.
 #[test]
-#[ignore = "engine bug: CR4.PKE is passed to 4-level hardware for 2-on-4/3-on-4 guests, which have no keys"]
 fn issue10_cr4_pke_not_given_to_hardware_for_guests_without_keys() {
     for pair in [Pair::P2on4, Pair::P3on4] {
         let mut x = Xsa::new(pair, 1, 128);

@@ -105,7 +105,6 @@ fn issue10_forbidden_frames_are_refused_before_anything_changes() {
 /// did not re-protect it and later writes went unlogged. Must hold: after a failed
 /// `set_p2m`, every write made with log-dirty on is in the next clean's bitmap.
 #[test]
-#[ignore = "engine bug: a failing set_p2m loses the record that an entry is writable, so log-dirty then misses writes"]
 fn issue10_failed_set_p2m_keeps_log_dirty_exact() {
     for pair in [Pair::P0on2, Pair::P0on3, Pair::P0on4] {
         let mut x = Xsa::new(pair, 1, 128);
@@ -153,7 +152,6 @@ fn issue10_failed_set_p2m_keeps_log_dirty_exact() {
 /// pages overflowed while sizing the pool (a panic in checked builds). Must hold: the
 /// request is refused with an error, never a panic, on every shadow mode.
 #[test]
-#[ignore = "engine bug: Domain::new with a huge pool overflows (a panic in checked builds)"]
 fn issue10_a_huge_pool_is_refused_without_a_panic() {
     for pair in PAGING_PAIRS {
         let r = std::panic::catch_unwind(|| {

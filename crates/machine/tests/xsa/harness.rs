@@ -265,8 +265,9 @@ impl Xsa {
         }
     }
 
-    /// A host call: runs `f` on the domain, carries out the flush it returns, checks the
-    /// invariants. The error, if any, is returned after the check.
+    /// A host call: runs `f` on the domain, carries out the flush it returns (or, when it
+    /// fails, the flush it owes, from `take_flush`), checks the invariants. The error, if
+    /// any, is returned after the check.
     pub fn host<T>(
         &mut self,
         what: &str,
@@ -277,6 +278,9 @@ impl Xsa {
             self.m.settle(flush);
             value
         });
+        if r.is_err() {
+            self.m.settle_failed_call();
+        }
         self.checked(Calls::One { by: None }, what);
         r
     }

@@ -108,7 +108,6 @@ fn bounded<T>(
 /// single call changes more than a bounded number of shadow entries; the removal
 /// continues across calls and ends with no mapping of the frame.
 #[test]
-#[ignore = "engine bug: remove_all_mappings (set_p2m of a frame mapped everywhere) does unbounded work in one call"]
 fn xsa_410_removing_a_frame_mapped_everywhere_is_bounded_per_call() {
     let mut x = many_mappings(64);
     let old = x.mfn(DATA_GFN);
@@ -119,7 +118,6 @@ fn xsa_410_removing_a_frame_mapped_everywhere_is_bounded_per_call() {
 /// The same fan-in, and log-dirty mode switched on: every writable entry must become
 /// read-only. Must hold: bounded work per call, continued across calls.
 #[test]
-#[ignore = "engine bug: enabling log-dirty re-protects every writable shadow entry in one call"]
 fn xsa_410_enabling_log_dirty_is_bounded_per_call() {
     let mut x = many_mappings(64);
     bounded(&mut x, "enable log-dirty", |x| {
@@ -140,7 +138,6 @@ fn xsa_410_enabling_log_dirty_is_bounded_per_call() {
 /// The same fan-in, and the pool shrunk to its minimum in steps. Must hold: every step is
 /// bounded and the shrink ends.
 #[test]
-#[ignore = "engine bug: one pool-shrink step (budget 4) tears down every shadow below an evicted top in one call"]
 fn xsa_410_pool_shrink_of_a_full_pool_is_bounded_per_call() {
     let mut x = many_mappings(64);
     let min = hvm(x.pair.shadow(), 1, 0).min_pool_pages();
@@ -186,7 +183,6 @@ fn xsa_168_invlpg_of_a_non_canonical_address() {
 /// passing a wrapping or enormous range spun for as long as it asked. Must hold: a range
 /// that wraps the guest-physical space is refused at once, changing nothing.
 #[test]
-#[ignore = "engine bug: validate_guest_pt_write accepts any length and loops len/4096 times with no cap"]
 fn issue10_validate_of_a_wrapping_range_is_refused() {
     let mut x = Xsa::new(Pair::P4on4, 1, 128);
     let cr3 = x.space();

@@ -72,7 +72,6 @@ fn non_reloading_changes(cr3: u64) -> Vec<ControlState> {
 /// the hardware's PDPTE registers keep pointing at live shadows. Only the next CR3 load
 /// faults, changing nothing.
 #[test]
-#[ignore = "engine bug: PDPTEs are re-read on CR0.WP/CR4.SMAP/EFER.NXE changes; the failed re-read releases the tops and leaves the hardware PDPTE registers on freed shadows"]
 fn issue10_pdpte_reserved_bit_then_mode_changes_that_do_not_reload() {
     for pair in PAE_PAIRS {
         let (mut x, cr3) = pae_guest(pair);
@@ -96,7 +95,6 @@ fn issue10_pdpte_reserved_bit_then_mode_changes_that_do_not_reload() {
 /// in memory (legal) and toggles CR0.WP, CR4.SMAP and EFER.NXE. Must hold: the PDPTE
 /// registers, and so what Y translates to, change only at the next CR3 load.
 #[test]
-#[ignore = "engine bug: PDPTEs are re-read on CR0.WP/CR4.SMAP/EFER.NXE changes (the SDM loads them only at CR3 load and PG/CD/NW/PAE/PGE/PSE/SMEP changes)"]
 fn issue10_pdpte_registers_change_only_at_cr3_load() {
     for pair in PAE_PAIRS {
         let (mut x, cr3) = pae_guest(pair);
@@ -132,7 +130,6 @@ fn issue10_pdpte_registers_change_only_at_cr3_load() {
 /// and reload it owes is handed out, the hardware PDPTE registers never name a freed
 /// shadow, and the guest keeps running.
 #[test]
-#[ignore = "engine bug: unshadowing the running top L2 re-reads the PDPTEs, the re-read fails with #GP after the tops were released, and no reload is handed out"]
 fn issue10_pdpte_reserved_bit_then_unshadow_of_the_running_top() {
     for pair in PAE_PAIRS {
         let (mut x, cr3) = pae_guest(pair);

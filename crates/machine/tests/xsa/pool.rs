@@ -116,7 +116,6 @@ fn xsa_410_pool_shrink_while_vcpus_run_on_their_tops() {
 /// a fault is reused as another shadow by the end of that fault (it must wait for the
 /// flush), and vcpu 0's accesses keep working.
 #[test]
-#[ignore = "engine bug: blow-tables inside one vcpu's call frees and reuses shadow pages another vcpu can reach before the flush is handed out"]
 fn issue10_faults_never_reuse_a_page_another_vcpu_can_reach() {
     for pair in PAGING_PAIRS {
         let min = hvm(pair.shadow(), 2, 0).min_pool_pages();
