@@ -2,8 +2,10 @@
 //! with the auditor after every step and the oracle on every access.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shadow2::multi::Pair;
 use shadow2_machine::churn::{self, ChurnConfig, ChurnReport};
@@ -125,15 +127,26 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
     })
 }
 
-/// Runs the jobs on all cores, each job on its own thread.
+/// Runs the jobs on all cores, each job on its own thread, with a progress bar over the
+/// operations of all of them.
 fn run_parallel(jobs: Vec<ChurnConfig>) -> Result<Vec<ChurnReport>, String> {
     let workers = thread::available_parallelism().map_or(2, |n| n.get());
+    let total: u64 = jobs.iter().map(|j| j.ops).sum();
+    let bar = crate::progress::bar(total, "shadow churn");
+    let done = Arc::new(AtomicU64::new(0));
     let mut results = Vec::with_capacity(jobs.len());
     for batch in jobs.chunks(workers) {
         let handles: Vec<_> = batch
             .iter()
-            .map(|&cfg| thread::spawn(move || churn::run(cfg)))
+            .map(|&cfg| {
+                let done = Arc::clone(&done);
+                thread::spawn(move || churn::run_counted(cfg, &done))
+            })
             .collect();
+        while !handles.iter().all(|h| h.is_finished()) {
+            bar.set_position(done.load(Ordering::Relaxed));
+            thread::sleep(Duration::from_millis(100));
+        }
         for h in handles {
             match h.join() {
                 Ok(Ok(report)) => results.push(report),
@@ -142,6 +155,7 @@ fn run_parallel(jobs: Vec<ChurnConfig>) -> Result<Vec<ChurnReport>, String> {
             }
         }
     }
+    bar.finish_and_clear();
     Ok(results)
 }
 
@@ -158,6 +172,8 @@ fn merge(pairs: &[Pair], reports: &[ChurnReport]) -> Vec<ChurnReport> {
                 m.ops += r.ops;
                 m.accesses += r.accesses;
                 m.audit_violations += r.audit_violations;
+                m.cache_violations += r.cache_violations;
+                m.cached_walks += r.cached_walks;
                 m.oracle_mismatches += r.oracle_mismatches;
                 m.lost_dirty_pages += r.lost_dirty_pages;
                 m.dirty_cleans += r.dirty_cleans;

@@ -34,9 +34,9 @@ pub struct Args {
     /// Seed of the guest model's choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Shadow pool size in pages.
+    /// Shadow pool size in pages (1 to 262144, that is 1 GiB).
     #[arg(long)]
-    pool_pages: Option<usize>,
+    pool_pages: Option<u64>,
     /// Write the guest-operation stream to this trace file (see docs/TRACE.md).
     #[arg(long)]
     record: Option<PathBuf>,
@@ -55,11 +55,9 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         args.size,
         args.seed,
     )?;
-    if args.pool_pages == Some(0) {
-        return Err("--pool-pages must be positive".into());
-    }
+    let pool_pages = args.pool_pages.map(simrun::check_pool_pages).transpose()?;
     let opts = MachineOptions {
-        pool_pages: args.pool_pages,
+        pool_pages,
         sample_every: 0,
     };
     let mut backend = simrun::sim_backend(&spec, opts)?;

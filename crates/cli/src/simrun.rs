@@ -217,3 +217,15 @@ pub fn print_run(
         None => Ok(ExitCode::SUCCESS),
     }
 }
+
+/// Checks `--pool-pages`: a pool of 1 to [`DomainConfig::MAX_POOL_PAGES`] pages, refused at
+/// once (before anything is built) otherwise.
+pub fn check_pool_pages(pages: u64) -> Result<usize, String> {
+    let max = shadow2::domain::DomainConfig::MAX_POOL_PAGES;
+    usize::try_from(pages)
+        .ok()
+        .filter(|p| (1..=max).contains(p))
+        .ok_or_else(|| {
+            format!("--pool-pages must be 1 to {max} (1 GiB of shadow memory), not {pages}")
+        })
+}

@@ -135,6 +135,9 @@ fn user_errors_are_one_line_and_fail() {
         &["run", "--workload", "demand", "--size", "100000"],
         &["run", "--backend", "kvm"],
         &["run", "--backend", "qemu"],
+        &["run", "--pool-pages", "18446744073709551615"],
+        &["run", "--pool-pages", "262145"],
+        &["run", "--pool-pages", "0"],
         &["replay", "/nonexistent/trace"],
     ] {
         let out = shadow2(args);

@@ -154,7 +154,7 @@ impl SimBackend {
         let p2m = cfg.ram_frames.div_ceil(512) + cfg.ram_frames.div_ceil(512 * 512) + 16;
         let frames = cfg
             .ram_frames
-            .checked_add(pool + pool / 2)
+            .checked_add(pool.saturating_add(pool / 2))
             .and_then(|f| f.checked_add(p2m))
             .and_then(|f| f.checked_add(SLACK_FRAMES))
             .ok_or_else(|| "the machine is too large".to_string())?;

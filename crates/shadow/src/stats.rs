@@ -96,6 +96,8 @@ pub struct Stats {
     pub flushes: u64,
     /// Pages marked dirty in log-dirty mode.
     pub dirty_marked: u64,
+    /// Engine calls made into the domain (guest-triggered and host operations).
+    pub calls: u64,
     /// The most work any one engine call did: shadow and p2m entries read or written by
     /// its scans and entry writes (see [`Stats::last_call_work`]). Bounded by
     /// [`DomainConfig::call_work_budget`](crate::DomainConfig::call_work_budget) plus a
@@ -109,7 +111,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 45] {
+    pub fn fields(&self) -> [(&'static str, u64); 46] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
@@ -161,6 +163,7 @@ impl Stats {
             ("teardown_data", self.teardown_data),
             ("flushes", self.flushes),
             ("dirty_marked", self.dirty_marked),
+            ("calls", self.calls),
             ("max_call_work", self.max_call_work),
         ]
     }
@@ -173,6 +176,7 @@ impl Stats {
 
     /// A new engine call starts: its work is counted from zero.
     pub(crate) fn start_call(&mut self) {
+        self.calls += 1;
         self.last_call_work = 0;
     }
 }

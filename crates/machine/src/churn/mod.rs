@@ -14,6 +14,7 @@ mod guest;
 mod rng;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use shadow2::addr::{Gfn, Gpa, Gva};
 use shadow2::audit::audit;
@@ -162,13 +163,27 @@ struct Churn {
 
 /// Runs one pair.
 pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
+    run_counted(cfg, &AtomicU64::new(0))
+}
+
+/// [`run`], adding one to `done` after each operation (a progress bar reads it from
+/// another thread).
+pub fn run_counted(cfg: ChurnConfig, done: &AtomicU64) -> Result<ChurnReport, EngineError> {
     let rng = Rng::new(cfg.seed ^ (cfg.pair as u64).wrapping_mul(0x1000_0001));
-    run_with(cfg, rng)
+    run_observed(cfg, rng, done)
 }
 
 /// Runs one pair with the choices of `rng`: at most `cfg.ops` operations, fewer if a
 /// byte-string source runs out first (a fuzzer's input, see [`Rng::from_bytes`]).
-pub fn run_with(cfg: ChurnConfig, mut rng: Rng) -> Result<ChurnReport, EngineError> {
+pub fn run_with(cfg: ChurnConfig, rng: Rng) -> Result<ChurnReport, EngineError> {
+    run_observed(cfg, rng, &AtomicU64::new(0))
+}
+
+fn run_observed(
+    cfg: ChurnConfig,
+    mut rng: Rng,
+    done: &AtomicU64,
+) -> Result<ChurnReport, EngineError> {
     let shadow = cfg.pair.shadow();
     let mut config = DomainConfig::hvm(shadow, VCPUS, NORMAL_POOL);
     // Internal mode (a hypervisor hole in the L4) on 64-bit shadows, every other seed.
@@ -207,6 +222,7 @@ pub fn run_with(cfg: ChurnConfig, mut rng: Rng) -> Result<ChurnReport, EngineErr
         }
         churn.step()?;
         churn.report.ops += 1;
+        done.fetch_add(1, Ordering::Relaxed);
         let a = audit(churn.m.domain());
         if !a.is_clean() {
             churn.report.audit_violations += a.violations.len() as u64;

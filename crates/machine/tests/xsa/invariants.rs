@@ -141,8 +141,11 @@ fn flush_counts(m: &ShadowMachine) -> Vec<u64> {
 fn check_reuse_after_flush(m: &ShadowMachine, since: &Since, calls: Calls, out: &mut Vec<String>) {
     let d = m.domain();
     let now = flush_counts(m);
+    // A step the host split into several calls (a call preempted, then made again)
+    // carried out each call's flush before the next.
+    let one_call = d.stats().calls.saturating_sub(since.stats.calls) <= 1;
     for (v, pages) in since.reachable.iter().enumerate() {
-        let kept_running = matches!(calls, Calls::One { by } if by != Some(v));
+        let kept_running = one_call && matches!(calls, Calls::One { by } if by != Some(v));
         let flushed = now.get(v) != since.flushes.get(v);
         if flushed && !kept_running {
             continue;
@@ -573,8 +576,16 @@ pub fn check_hardware_caches(m: &ShadowMachine, out: &mut Vec<String>) {
 /// The work one step may do: a step is one host call (or one instruction, a few calls),
 /// and none may scan or validate more shadow entries than the whole pool holds (a CR3 load
 /// finishes its scan "bounded by the pool"; everything else is bounded by a budget far
-/// below). Once `Stats` counts the work of each call, that counter is checked here.
+/// below). And no engine call so far did more work (`Stats::max_call_work`, the entries
+/// each call read or wrote) than the domain's bound for one call.
 pub fn check_call_work(d: &Dom, since: &Stats, out: &mut Vec<String>) {
+    let call_bound = d.config().call_work_bound();
+    if d.stats().max_call_work > call_bound {
+        out.push(format!(
+            "an engine call did {} work, more than the bound {call_bound}",
+            d.stats().max_call_work
+        ));
+    }
     let per_page = if d.config().shadow_levels == PagingLevels::Two {
         1024
     } else {
@@ -700,6 +711,8 @@ mod self_test {
             x.m.read(0, va, crate::engine_support::SUP, &mut [0u8; 8])
                 .unwrap();
         }
+        // As if all of it had been a single engine call.
+        since.stats.calls = x.m.domain().stats().calls - 1;
         let r = catch_unwind(AssertUnwindSafe(|| {
             super::assert_isolated(&x.m, &mut since, super::Calls::One { by: None }, "one call")
         }));

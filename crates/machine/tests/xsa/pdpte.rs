@@ -23,12 +23,13 @@ const L2_VA: u64 = 0xa0_0000;
 /// A reserved bit of a PAE PDPTE (R/W).
 const PDPTE_RESERVED: u64 = bits::RW;
 
-/// A PAE guest running with X and Y mapped, windows onto its PDPT page and its first L2.
+/// A PAE guest running with X and Y mapped (supervisor pages, which the SMAP toggles of
+/// `non_reloading_changes` leave readable), windows onto its PDPT page and its first L2.
 fn pae_guest(pair: shadow2::multi::Pair) -> (Xsa, u64) {
     let mut x = Xsa::new(pair, 1, 128);
     let cr3 = x.space();
     x.map(cr3, X, DATA_GFN, DATA);
-    x.map(cr3, Y, DATA_GFN + 1, DATA);
+    x.map(cr3, Y, DATA_GFN + 1, KDATA);
     x.map(cr3, PDPT_VA, cr3 >> 12, KDATA);
     let l2 = x.t.table_of(&mut x.m, cr3, X, 2);
     x.map(cr3, L2_VA, l2, KDATA);
@@ -109,7 +110,7 @@ fn issue10_pdpte_registers_change_only_at_cr3_load() {
         x.t.write(
             &mut x.m,
             (l1 << 12) + 8 * ((Y >> 12) & 511),
-            ((DATA_GFN + 2) << 12) | DATA,
+            ((DATA_GFN + 2) << 12) | KDATA,
         );
         x.m.write_phys(Gpa::new((DATA_GFN + 2) << 12), &[2])
             .unwrap();

@@ -105,6 +105,10 @@ impl DomainConfig {
     /// The default [`DomainConfig::early_unshadow_writes`].
     pub const DEFAULT_EARLY_UNSHADOW_WRITES: u32 = 4;
 
+    /// The longest range one [`Domain::validate_guest_pt_write`](crate::domain::Domain::validate_guest_pt_write)
+    /// takes: 16 pages, so that one call validates a bounded number of entries.
+    pub const MAX_VALIDATE_BYTES: u64 = 16 * 4096;
+
     /// The largest shadow pool a domain may have (1 GiB of shadow memory).
     pub const MAX_POOL_PAGES: usize = 1 << 18;
 

@@ -4,7 +4,7 @@
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
-use super::{Domain, EngineError};
+use super::{Domain, DomainConfig, EngineError};
 use crate::addr::{Gfn, Maddr, Mfn};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
@@ -397,6 +397,11 @@ impl<H: MachineMemory> Domain<H> {
         if pages < self.config.min_pool_pages() {
             return Err(EngineError::BadArgument(
                 "pool smaller than the domain's minimum",
+            ));
+        }
+        if pages > DomainConfig::MAX_POOL_PAGES {
+            return Err(EngineError::BadArgument(
+                "pool larger than DomainConfig::MAX_POOL_PAGES",
             ));
         }
         self.pool_target = pages;

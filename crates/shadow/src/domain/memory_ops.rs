@@ -5,7 +5,7 @@
 
 use alloc::vec::Vec;
 
-use super::{Domain, EngineError};
+use super::{Domain, DomainConfig, EngineError};
 use crate::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SIZE};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
@@ -133,7 +133,15 @@ impl<H: MachineMemory> Domain<H> {
 
     /// After the host wrote guest page-table memory itself (under the shadow lock), brings
     /// the shadows of `gpa..gpa+len` up to date (Xen's `shadow_validate_guest_pt_write`).
+    /// At most [`DomainConfig::MAX_VALIDATE_BYTES`] at a time, inside the guest-physical
+    /// address space: anything else is `BadArgument`, before anything changes.
     pub fn validate_guest_pt_write(&mut self, gpa: Gpa, len: u64) -> Result<Flush, EngineError> {
+        let end = gpa.raw().checked_add(len);
+        if len > DomainConfig::MAX_VALIDATE_BYTES || end.is_none_or(|e| e > 1 << 52) {
+            return Err(EngineError::BadArgument(
+                "a validated range must lie inside guest-physical space, 64 KiB at most",
+            ));
+        }
         self.run(|d| {
             let mut done = 0u64;
             while done < len {

@@ -118,6 +118,11 @@ impl<H: MachineMemory> Domain<H> {
                 "shadow tables need 2, 3 or 4 levels",
             ));
         }
+        if config.pool_pages > DomainConfig::MAX_POOL_PAGES {
+            return Err(EngineError::BadArgument(
+                "the shadow pool is larger than DomainConfig::MAX_POOL_PAGES",
+            ));
+        }
         let pool_target = config.pool_pages.max(config.min_pool_pages());
         let mut pool = Pool::new();
         loop {
@@ -543,6 +548,11 @@ impl<H: MachineMemory> Domain<H> {
             let pair = d.vcpus[v]
                 .pair
                 .ok_or(EngineError::BadArgument("vcpu has no paging mode yet"))?;
+            if !linear_address_fits(pair.guest(), va) {
+                return Err(EngineError::BadArgument(
+                    "no page fault at this address in the vcpu's mode: a linear address has 32 bits outside long mode and is canonical in it",
+                ));
+            }
             let outcome = d.shadow_fault(v, va, |d| pair.page_fault(d, v, va, error_code))?;
             match outcome {
                 FaultOutcome::Fixed => d.stats.fault_fixed += 1,
@@ -592,3 +602,16 @@ impl<H: MachineMemory> ShadowLock<H> {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether `va` is a linear address a vcpu in `levels` paging can fault on: 32 bits outside
+/// long mode, canonical (bits 63:47 equal) in it. The hardware raises #GP, not #PF, for a
+/// non-canonical one, so only a host's mistake passes one.
+fn linear_address_fits(levels: PagingLevels, va: Gva) -> bool {
+    let raw = va.raw();
+    if levels == PagingLevels::Four {
+        let upper = raw >> 47;
+        upper == 0 || upper == (1 << 17) - 1
+    } else {
+        raw <= u64::from(u32::MAX)
+    }
+}

@@ -46,7 +46,8 @@ impl Pool {
                 return Ok(ResizeProgress::More);
             }
             if chunks < target_chunks {
-                self.grow_one(mem, (target_chunks - chunks) * CHUNK_PAGES)?;
+                let wanted = (target_chunks - chunks).saturating_mul(CHUNK_PAGES);
+                self.grow_one(mem, wanted)?;
             } else if !self.release_one_free_chunk(mem) {
                 let pages = self.pages_to_vacate(chunks - target_chunks);
                 return Ok(ResizeProgress::NeedsEviction { pages });
