@@ -1,8 +1,12 @@
 //! TLB flushes the engine asks of its host.
 //!
 //! An engine change that removes a permission or a mapping that the hardware may have cached
-//! returns a [`Flush`]: the host must carry it out (flush those vcpus' TLBs) before the guest
-//! runs again. It is `#[must_use]`, so a caller cannot drop one by accident.
+//! returns a [`Flush`]: the host must carry it out (flush those vcpus' TLBs and
+//! paging-structure caches) before the guest runs again, and before its next call into the
+//! domain: shadow pages torn down under the flush are reused from the next call on. It is
+//! `#[must_use]`, so a caller cannot drop one by accident. A call that fails may owe one too:
+//! the host takes it with `Domain::take_flush` (until then every call is refused with
+//! `FlushOwed`).
 
 /// A set of vcpus, by index (up to 64).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
