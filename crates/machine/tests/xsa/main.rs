@@ -11,6 +11,7 @@ mod emulator;
 mod failed_ops;
 mod harness;
 mod invariants;
+mod livelock;
 mod long_ops;
 mod p2m_changes;
 mod pdpte;

@@ -214,6 +214,13 @@ pub enum EngineError {
     /// A failed operation left a TLB flush owed: take it with `Domain::take_flush` and carry
     /// it out first.
     FlushOwed,
+    /// The guest ran again an instruction the emulator cannot do, on a page table a vcpu
+    /// runs on (which is shadowed again as soon as it is unshadowed): it would trap for
+    /// ever, so the domain is failed (KVM reports the same case as an emulation failure).
+    Unemulatable {
+        /// The instruction's address.
+        rip: u64,
+    },
 }
 
 impl EngineError {
@@ -225,6 +232,7 @@ impl EngineError {
                 | EngineError::Memory { .. }
                 | EngineError::Internal(_)
                 | EngineError::DomainFailed
+                | EngineError::Unemulatable { .. }
         )
     }
 }
@@ -253,6 +261,10 @@ impl fmt::Display for EngineError {
             EngineError::FlushOwed => {
                 write!(f, "a failed operation owes a TLB flush: take it first")
             }
+            EngineError::Unemulatable { rip } => write!(
+                f,
+                "the guest repeats an instruction at {rip:#x} that cannot be emulated on a page table it runs on"
+            ),
         }
     }
 }

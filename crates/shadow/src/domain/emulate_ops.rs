@@ -187,16 +187,30 @@ impl<H: MachineMemory> Domain<H> {
             match (error, result) {
                 (Some(e), _) if e.is_fatal() => Err(e),
                 (Some(_), _) | (None, Err(EmuError::Unhandled(_))) => {
+                    let mut shadowed_again = false;
                     if let Some((mfn, P2mType::Ram)) = d.guest_frame(gpa.gfn()) {
                         d.unshadow(mfn)?;
                         d.rebuild_roots()?;
+                        shadowed_again = d.store.is_page_table(mfn);
                     }
                     d.stats.emulation_failures += 1;
                     d.note_fault(v);
+                    let this = Some((regs.rip, gpa));
+                    let vcpu = d
+                        .vcpus
+                        .get_mut(v)
+                        .ok_or(EngineError::BadArgument("no such vcpu"))?;
+                    if shadowed_again && vcpu.unemulated == this {
+                        return Err(EngineError::Unemulatable { rip: regs.rip });
+                    }
+                    vcpu.unemulated = if shadowed_again { this } else { None };
                     Ok(EmulateOutcome::Unshadowed)
                 }
                 (None, Err(EmuError::Fault(f))) => Ok(EmulateOutcome::Fault(f)),
                 (None, Ok(done)) => {
+                    if let Some(vcpu) = d.vcpus.get_mut(v) {
+                        vcpu.unemulated = None;
+                    }
                     *regs = next;
                     d.stats.emulated_writes += 1;
                     d.after_emulated_write(v, &written)?;

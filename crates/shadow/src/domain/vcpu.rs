@@ -1,7 +1,7 @@
 //! Per-vcpu paging state: the guest's control registers, the M-on-N pair it runs in, and
 //! the top-level shadows it uses.
 
-use crate::addr::Mfn;
+use crate::addr::{Gpa, Mfn};
 use crate::multi::Pair;
 use crate::paging::{ControlState, PagingLevels, bits::cr};
 use crate::types::Flavor;
@@ -26,6 +26,10 @@ pub struct Vcpu {
     /// the guest's next control-register write is compared with, and what a refused one
     /// goes back to.
     pub(crate) applied: ControlState,
+    /// The instruction (RIP) and address of the last emulation that could not be done on a
+    /// page that was shadowed again at once (a table a vcpu runs on): the same again makes
+    /// no progress.
+    pub(crate) unemulated: Option<(u64, Gpa)>,
 }
 
 /// How a vcpu's root is (re)loaded.
