@@ -256,15 +256,20 @@ impl<H: MachineMemory> Domain<H> {
 
     /// The control state the hardware must run a vcpu with to walk its shadows: paging on,
     /// CR0.WP set (so that read-only shadow entries trap supervisor writes), the shadow
-    /// mode's PAE/LMA and NXE, the guest's SMEP/SMAP/PKE/PGE where the guest pages, and
-    /// CR3 = the shadow root.
+    /// mode's PAE/LMA and NXE, the guest's SMEP/SMAP/PGE where the guest pages, its PKE
+    /// where both it and the shadows are 4-level, and CR3 = the shadow root.
     pub fn hardware_control(&self, v: usize) -> Option<ControlState> {
         let vcpu = self.vcpus.get(v)?;
         let root = vcpu.root?;
         let guest = &vcpu.ctl;
         let mut cr4 = 0;
         if guest.levels() != PagingLevels::Zero {
-            cr4 |= guest.cr4 & (cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PKE | cr::CR4_PGE);
+            cr4 |= guest.cr4 & (cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PGE);
+        }
+        // Protection keys exist only in 4-level paging: a 2- or 3-level guest that sets
+        // CR4.PKE has none, and 4-level hardware would apply PKRU to its every user access.
+        if guest.levels() == PagingLevels::Four && self.config.shadow_levels == PagingLevels::Four {
+            cr4 |= guest.cr4 & cr::CR4_PKE;
         }
         let mut efer = 0;
         match self.config.shadow_levels {
@@ -277,9 +282,6 @@ impl<H: MachineMemory> Domain<H> {
                 efer |= cr::EFER_NXE;
             }
             _ => {}
-        }
-        if self.config.shadow_levels != PagingLevels::Four {
-            cr4 &= !cr::CR4_PKE;
         }
         Some(ControlState {
             cr0: cr::CR0_PE | cr::CR0_PG | cr::CR0_WP,

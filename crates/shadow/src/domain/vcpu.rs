@@ -82,11 +82,13 @@ impl Vcpu {
                 pse: self.ctl.cr4 & cr::CR4_PSE != 0,
                 nxe: false,
                 high: false,
+                pkey: 0,
             },
             PagingLevels::Three | PagingLevels::Four => Flavor {
                 pse: false,
                 nxe: self.ctl.nxe(),
                 high: false,
+                pkey: 0,
             },
             PagingLevels::Zero => Flavor::default(),
         }

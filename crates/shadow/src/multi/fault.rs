@@ -575,7 +575,7 @@ where
             return Ok(());
         };
         let new = match leaf.superpage {
-            Some((pde, gfn)) => Self::fl1_sentry(d, frames, pde, gfn)?,
+            Some((pde, gfn)) => Self::fl1_sentry(d, frames, pde, gfn, Self::splinter_pkey(pde))?,
             None => {
                 let entry = path
                     .at_level(1)
