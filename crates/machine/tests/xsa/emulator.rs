@@ -11,7 +11,7 @@ use shadow2::paging::PagingLevels;
 use shadow2::paging::bits::{self, cr};
 use shadow2_machine::sim::GuestError;
 
-use crate::engine_support::{DATA, PAGING_PAIRS, USR, control};
+use crate::engine_support::{DATA, PAGING_PAIRS, TABLE, USR, control};
 use crate::harness::{CODE_GFN, CODE_VA, DATA_GFN, KDATA, Xsa};
 
 const X: u64 = 0x40_3000;
@@ -199,4 +199,136 @@ fn issue10_unhandled_instruction_on_the_running_top_makes_progress() {
         );
         assert_eq!(x.read(0, X).unwrap(), 0, "{pair:?}");
     }
+}
+
+/// A write on the guest's behalf by the host (`write_guest_phys`: a hypercall, a device's
+/// DMA) that straddles the last entry of a page table in the guest's last RAM frame and
+/// the first frame beyond RAM. Must hold on every pair: refused with nothing written (a
+/// failed operation changes nothing), the shadows still agree with the guest's tables.
+#[test]
+fn issue10_host_write_straddling_a_page_table_and_non_ram_changes_nothing() {
+    const LAST_RAM: u64 = crate::harness::RAM - 1;
+    for pair in PAGING_PAIRS {
+        let mut x = Xsa::new(pair, 1, 128);
+        let cr3 = x.space();
+        let per_table: u64 = if pair.guest() == PagingLevels::Two {
+            1024
+        } else {
+            512
+        };
+        // The last entry of the guest's L1 in frame LAST_RAM maps `va`.
+        let va = 0x4000_0000 + ((per_table - 1) << 12);
+        let l2_slot = x.slot(cr3, va, 2);
+        x.t.write(&mut x.m, l2_slot, (LAST_RAM << 12) | TABLE);
+        let eb = x.t.entry_bytes();
+        let last = (LAST_RAM << 12) + 4096 - eb;
+        x.t.write(&mut x.m, last, (DATA_GFN << 12) | DATA);
+        x.run(0, cr3);
+        let value = x.read(0, va).unwrap();
+        let before = x.entry(last);
+        let bytes = vec![0xff; 2 * eb as usize];
+        let r = x.host("write across the end of RAM", |d| {
+            d.write_guest_phys(Gpa::new(last), &bytes).map(|f| ((), f))
+        });
+        assert!(r.is_err(), "{pair:?}: {r:?}");
+        assert_eq!(x.entry(last), before, "{pair:?}: a refused write wrote");
+        assert_eq!(x.read(0, va), Ok(value), "{pair:?}");
+    }
+}
+
+/// An instruction whose source is not RAM (`movsd` from a device page onto the top table
+/// the vcpu runs on) is an MMIO access, not one the emulator cannot do: unshadowing the
+/// table would not help (the native retry reaches the same device page, and the running
+/// top is shadowed again at once). Must hold on every pair: the engine answers MMIO with
+/// the device page's address, writes nothing and keeps the table shadowed.
+#[test]
+fn issue10_emulated_copy_from_non_ram_onto_the_running_top_is_mmio() {
+    for pair in PAGING_PAIRS {
+        let mut x = Xsa::new(pair, 1, 128);
+        let cr3 = x.space();
+        x.map(cr3, X, DATA_GFN, DATA);
+        let top = if pair.guest() == PagingLevels::Three {
+            x.t.table_of(&mut x.m, cr3, X, 2)
+        } else {
+            cr3 >> 12
+        };
+        x.map(cr3, PT_VA, top, KDATA);
+        x.map(cr3, PT_VA + 0x1000, HOLE_GFN, KDATA);
+        x.run(0, cr3);
+        x.read(0, X).unwrap();
+        // movsd: [rdi] <- [rsi], 4 bytes.
+        x.m.write_phys(Gpa::new(CODE_GFN << 12), &[0xa5]).unwrap();
+        let offset = 0xff0;
+        let mut regs = Regs::new(x.code_mode());
+        regs.rip = CODE_VA;
+        regs.gpr[Regs::RSI] = PT_VA + 0x1000;
+        regs.gpr[Regs::RDI] = PT_VA + offset;
+        let before_regs = regs;
+        let before = x.entry((top << 12) + offset);
+        let unshadows = x.domain().stats().unshadows;
+        let gpa = Gpa::new((top << 12) + offset);
+        let r = x.host("emulate a copy from a device page", |d| {
+            d.emulate(0, &mut regs, gpa)
+        });
+        assert_eq!(
+            r,
+            Ok(EmulateOutcome::Mmio {
+                gpa: Gpa::new(HOLE_GFN << 12)
+            }),
+            "{pair:?}"
+        );
+        assert_eq!(regs, before_regs, "{pair:?}");
+        assert_eq!(x.entry((top << 12) + offset), before, "{pair:?}");
+        assert_eq!(x.domain().stats().unshadows, unshadows, "{pair:?}");
+        assert!(
+            x.domain().shadows().is_page_table(x.mfn(top)),
+            "{pair:?}: the running top was unshadowed"
+        );
+    }
+}
+
+/// Protection keys in a splinter shared by two aliases: a 64-bit guest maps one 2 MiB
+/// frame range twice, through an entry with key 0 and one with key 5, and PKRU denies
+/// key 5. The splinter of the range is found by its first frame, so the two aliases must
+/// not share one (whichever filled it first would give the other its key). Must hold:
+/// after a user read through the key-0 alias and a user fetch through the key-5 alias
+/// (which keys do not restrict, so both splinters are linked), a user read through the
+/// key-5 alias faults with PK and one through the key-0 alias still succeeds.
+#[test]
+fn issue10_protection_keys_of_two_aliases_of_a_2m_page_stay_apart() {
+    let mut x = Xsa::new(Pair::P4on4, 1, 128);
+    let cr3 = x.space();
+    let keyed = 0x4000_0000u64 - 0x20_0000;
+    let open = 0x8000_0000u64 - 0x20_0000;
+    let keyed_slot = x.slot(cr3, keyed, 2);
+    x.t.write(
+        &mut x.m,
+        keyed_slot,
+        (5 << bits::PKEY_SHIFT) | bits::PS | DATA,
+    );
+    let open_slot = x.slot(cr3, open, 2);
+    x.t.write(&mut x.m, open_slot, bits::PS | DATA);
+    let mut ctl = control(PagingLevels::Four, cr3);
+    ctl.cr4 |= cr::CR4_PKE;
+    ctl.pkru = 1 << (2 * 5);
+    x.m.set_paging(0, ctl).unwrap();
+    x.step("PKE on");
+    let page = DATA_GFN << 12;
+    let mut buf = [0u8; 8];
+    let r = x.m.read(0, Gva::new(open + page), USR, &mut buf);
+    x.step("user read through key 0");
+    assert_eq!(r, Ok(()));
+    // A user fetch (keys do not apply to fetches) links the key-5 alias's splinter.
+    let r = x.m.fetch(0, Gva::new(keyed + page), USR, &mut buf);
+    x.step("user fetch through key 5");
+    assert_eq!(r, Ok(()));
+    let r = x.m.read(0, Gva::new(keyed + page), USR, &mut buf);
+    x.step("user read through key 5");
+    assert!(
+        matches!(r, Err(GuestError::PageFault { code, .. }) if code.bits() & (1 << 5) != 0),
+        "{r:?}"
+    );
+    let r = x.m.read(0, Gva::new(open + page), USR, &mut buf);
+    x.step("user read through key 0 again");
+    assert_eq!(r, Ok(()));
 }
