@@ -6,12 +6,12 @@
 use shadow2::addr::{Gpa, Gva};
 use shadow2::domain::EmulateOutcome;
 use shadow2::emulate::Regs;
-use shadow2::multi::Pair;
-use shadow2::paging::PagingLevels;
+use shadow2::multi::{FaultOutcome, Pair};
 use shadow2::paging::bits::{self, cr};
+use shadow2::paging::{PagingLevels, PfErrorCode};
 use shadow2_machine::sim::GuestError;
 
-use crate::engine_support::{DATA, PAGING_PAIRS, TABLE, USR, control};
+use crate::engine_support::{DATA, PAGING_PAIRS, SUP, TABLE, USR, control};
 use crate::harness::{CODE_GFN, CODE_VA, DATA_GFN, KDATA, Xsa};
 
 const X: u64 = 0x40_3000;
@@ -331,4 +331,61 @@ fn issue10_protection_keys_of_two_aliases_of_a_2m_page_stay_apart() {
     let r = x.m.read(0, Gva::new(open + page), USR, &mut buf);
     x.step("user read through key 0 again");
     assert_eq!(r, Ok(()));
+}
+
+/// The hardware's fault for the live RFLAGS.AC and PKRU, which the engine only has a copy
+/// of (CLAC, STAC and WRPKRU do not exit, so the copy is the one handed in at the last
+/// control write). Replayed on every paging pair: the copy says AC set (SMAP allows a
+/// kernel read of a user page), the shadows are filled, then the guest clears AC and the
+/// hardware faults (P, supervisor read) on shadows that already allow the access; on
+/// 4-on-4 the same with a key the copy of PKRU allows and the live PKRU denies (P, U, PK).
+/// Must hold: the engine cannot fix it, so the same fault again (no shadow entry written
+/// in between) is delivered to the guest with the hardware's reason, not answered
+/// `Spurious` for ever.
+#[test]
+fn issue10_a_fault_only_the_live_ac_or_pkru_explains_is_delivered_not_retried_for_ever() {
+    const HW_TRIES: usize = 4;
+    let smap = PAGING_PAIRS.map(|pair| (pair, 0u64, PfErrorCode::P));
+    let pkru = [(
+        Pair::P4on4,
+        3u64 << bits::PKEY_SHIFT,
+        PfErrorCode::P | PfErrorCode::U | PfErrorCode::PK,
+    )];
+    for (pair, key, hw_code) in smap.into_iter().chain(pkru) {
+        let mut x = Xsa::new(pair, 1, 128);
+        let cr3 = x.space();
+        x.map(cr3, X, DATA_GFN, DATA | key);
+        let mut ctl = control(pair.guest(), cr3);
+        ctl.cr4 |= cr::CR4_SMAP;
+        ctl.rflags = cr::RFLAGS_AC;
+        if key != 0 {
+            ctl.cr4 |= cr::CR4_PKE;
+        }
+        x.m.set_paging(0, ctl).unwrap();
+        x.step("SMAP on, AC set in the copy");
+        let user = hw_code & PfErrorCode::U != 0;
+        let mut buf = [0u8; 8];
+        let warm =
+            x.m.read(0, Gva::new(X), if user { USR } else { SUP }, &mut buf);
+        assert_eq!(warm, Ok(()), "{pair:?}");
+        x.step("the shadows allow the access");
+        let mut answers = Vec::new();
+        for _ in 0..HW_TRIES {
+            let r = x.host("the hardware's fault", |d| {
+                d.page_fault(0, Gva::new(X), PfErrorCode(hw_code))
+            });
+            let delivered = matches!(r, Ok(FaultOutcome::Propagate(_)));
+            answers.push(r);
+            if delivered {
+                break;
+            }
+        }
+        match answers.last() {
+            Some(Ok(FaultOutcome::Propagate(code))) => {
+                assert_eq!(code.bits(), hw_code, "{pair:?}: {answers:?}")
+            }
+            _ => panic!("{pair:?}: retried for ever: {answers:?}"),
+        }
+        assert!(answers.len() <= 2, "{pair:?}: {answers:?}");
+    }
 }

@@ -91,6 +91,9 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) failed: Option<EngineError>,
     /// Shadow entries changed so far (tells a fix from a spurious fault).
     pub(crate) entries_written: u64,
+    /// Set by a fault that found nothing to fix: the error code the guest gets if the
+    /// hardware raises the same fault again (see [`Domain::page_fault`]).
+    pub(crate) fault_unfixed: Option<PfErrorCode>,
     /// The searches' state between calls: the write-access scan's cursor and the frames
     /// waiting for it, the fork/exit heuristic's per-vcpu run (see [`crate::remove`]).
     pub(crate) remove: crate::remove::RemoveState,
@@ -162,6 +165,7 @@ impl<H: MachineMemory> Domain<H> {
             needs_root: VcpuSet::NONE,
             failed: None,
             entries_written: 0,
+            fault_unfixed: None,
             remove: crate::remove::RemoveState::default(),
             #[cfg(feature = "rmap")]
             rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
@@ -533,6 +537,11 @@ impl<H: MachineMemory> Domain<H> {
     /// fetch (CR2 equals RIP) should set I even where the hardware cannot report it
     /// (32-bit shadows without CR4.SMEP); otherwise the engine resolves the ambiguity as
     /// well as it can.
+    ///
+    /// The guest's walk uses the vcpu's control state, whose RFLAGS.AC and PKRU are copies
+    /// the guest can change without an exit. A fault the engine finds nothing to fix for is
+    /// answered `Spurious`; raised again at once (same address and error code, no shadow
+    /// entry written since), it is propagated, so no fault is retried for ever.
     pub fn page_fault(
         &mut self,
         v: usize,
@@ -545,7 +554,27 @@ impl<H: MachineMemory> Domain<H> {
             let pair = d.vcpus[v]
                 .pair
                 .ok_or(EngineError::BadArgument("vcpu has no paging mode yet"))?;
+            let start = d.entries_written;
+            let previous = d.vcpus[v].unfixed.take();
+            d.fault_unfixed = None;
             let outcome = d.shadow_fault(v, va, |d| pair.page_fault(d, v, va, error_code))?;
+            let outcome = match (outcome, d.fault_unfixed.take()) {
+                // The hardware raised again the fault it raised last, on the same shadow
+                // entries (none written since), and the guest's walk still allows the
+                // access: what refuses it is state only the hardware sees as it is now
+                // (RFLAGS.AC for SMAP, PKRU), not the engine's copy. The guest gets the
+                // fault instead of retrying for ever.
+                (FaultOutcome::Spurious, Some(code))
+                    if previous == Some((va, error_code, start)) && d.entries_written == start =>
+                {
+                    FaultOutcome::Propagate(code)
+                }
+                (FaultOutcome::Spurious, Some(_)) => {
+                    d.vcpus[v].unfixed = Some((va, error_code, d.entries_written));
+                    FaultOutcome::Spurious
+                }
+                (outcome, _) => outcome,
+            };
             match outcome {
                 FaultOutcome::Fixed => d.stats.fault_fixed += 1,
                 FaultOutcome::Spurious => d.stats.fault_spurious += 1,

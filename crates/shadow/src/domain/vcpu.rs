@@ -1,9 +1,9 @@
 //! Per-vcpu paging state: the guest's control registers, the M-on-N pair it runs in, and
 //! the top-level shadows it uses.
 
-use crate::addr::Mfn;
+use crate::addr::{Gva, Mfn};
 use crate::multi::Pair;
-use crate::paging::{ControlState, PagingLevels, bits::cr};
+use crate::paging::{ControlState, PagingLevels, PfErrorCode, bits::cr};
 use crate::types::Flavor;
 
 /// One vcpu as the engine sees it.
@@ -26,6 +26,10 @@ pub struct Vcpu {
     /// the guest's next control-register write is compared with, and what a refused one
     /// goes back to.
     pub(crate) applied: ControlState,
+    /// The last fault of this vcpu the engine found nothing to fix for (the guest's walk
+    /// allows the access and the shadows already did): its address, the hardware's error
+    /// code and the count of shadow entries written when it was answered `Spurious`.
+    pub(crate) unfixed: Option<(Gva, PfErrorCode, u64)>,
 }
 
 /// How a vcpu's root is (re)loaded.
