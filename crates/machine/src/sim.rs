@@ -748,6 +748,7 @@ impl ShadowMachine {
                         EmulateOutcome::Done(done) if done.complete => return Ok(()),
                         EmulateOutcome::Done(_) | EmulateOutcome::Unshadowed => {}
                         EmulateOutcome::Fault(f) => return Err(guest_error(f)),
+                        EmulateOutcome::Mmio { gpa } => return Err(GuestError::Mmio { gpa }),
                     }
                 }
                 (Some(Stop::Guest(e)), _) => return Err(e),

@@ -290,3 +290,26 @@ fn p2m_entry_made_writable_behind_the_engine_is_caught() {
         check(&m);
     }
 }
+
+/// A protection key is a right: a 4-level guest's leaf shadow carries its key, and a
+/// shadow leaf with another key (which PKRU may allow where the guest's forbids) is a
+/// violation.
+#[test]
+fn entry_with_another_protection_key_is_caught() {
+    let mut m = machine(hvm(PagingLevels::Four, 1, 128), 64);
+    let mut t = Tables::new(PagingLevels::Four, 1, 30);
+    let cr3 = t.new_root(0);
+    t.map(&mut m, cr3, X, 40, DATA | (3 << bits::PKEY_SHIFT));
+    set_mode(&mut m, 0, PagingLevels::Four, cr3);
+    read_u64(&mut m, 0, X).unwrap();
+    check(&m);
+    let (slot, e) = leaf_mappings_of(&m, mfn_of(&m, 40))[0];
+    assert_eq!(e & bits::PKEY_MASK, 3 << bits::PKEY_SHIFT);
+    let bad = (e & !bits::PKEY_MASK) | (4 << bits::PKEY_SHIFT);
+    expect_caught(
+        &mut m,
+        slot,
+        bad,
+        "shadow entry's protection key is not the guest's",
+    );
+}

@@ -38,7 +38,6 @@ fn page_fault_above_4_gib_outside_long_mode_is_refused() {
 /// that maps the kernel's code), the second page is refused, and the guest gets a fault
 /// with a page table half written.
 #[test]
-#[ignore = "engine bug: fix in progress"]
 fn emulated_write_across_a_page_table_and_non_ram_changes_nothing() {
     let config = DomainConfig::hvm(PagingLevels::Four, 1, 256);
     let mut m = ShadowMachine::new(1 << 14, config).expect("machine");

@@ -195,6 +195,11 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                             "shadow entry grants more than guest and rules allow",
                             slot.raw(),
                         );
+                    } else if width == 8 && e & bits::PKEY_MASK != x & bits::PKEY_MASK {
+                        r.fail(
+                            "shadow entry's protection key is not the guest's",
+                            slot.raw(),
+                        );
                     }
                 }
             }

@@ -172,6 +172,7 @@ impl ShadowStore {
                 pse: false,
                 nxe: false,
                 high: false,
+                pkey: 0,
             },
         };
         let hi = ShadowKey {
@@ -181,6 +182,7 @@ impl ShadowStore {
                 pse: true,
                 nxe: true,
                 high: true,
+                pkey: u8::MAX,
             },
         };
         lo..=hi

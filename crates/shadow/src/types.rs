@@ -187,6 +187,11 @@ pub struct Flavor {
     /// another PDPTE gets its own shadow (Xen's `l2h_pae`), so the hole cannot be reached
     /// through an alias.
     pub high: bool,
+    /// For a splinter of a 64-bit guest's superpage on 64-bit shadows: the protection key
+    /// (bits 62:59) of the guest entry that maps it, which every splinter entry carries
+    /// (keys live only in leaves). Superpages mapped with different keys get separate
+    /// splinters. Zero for every other shadow.
+    pub pkey: u8,
 }
 
 /// The key of a shadow in the hash: the shadowed guest table's machine frame (for a

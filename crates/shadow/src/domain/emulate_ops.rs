@@ -48,15 +48,28 @@ pub enum EmulateOutcome {
     /// The emulator could not do it: the target page is no longer shadowed; resume the
     /// guest at the same instruction, which now writes natively.
     Unshadowed,
+    /// The instruction reaches guest-physical `gpa`, which is not RAM: nothing was written
+    /// and the registers are unchanged. It is an MMIO access: the device model performs it,
+    /// writing any part that is RAM with [`Domain::write_guest_phys`].
+    Mmio {
+        /// The first address of the instruction's accesses that is not RAM.
+        gpa: Gpa,
+    },
 }
 
 /// A vcpu's linear memory as the emulator sees it.
 struct VcpuMemory<'a, H: MachineMemory> {
     d: &'a mut Domain<H>,
     v: usize,
+    /// The privilege and RFLAGS.AC of the instruction (the registers handed to
+    /// [`Domain::emulate`]), not of the vcpu's saved control state, which may be stale.
     cpl: u8,
+    rflags: u64,
     /// An engine failure met inside a memory access (the emulator only knows faults).
     error: Option<EngineError>,
+    /// The first guest-physical address the instruction reached that is not RAM: the
+    /// access stopped there, before anything was written.
+    mmio: Option<Gpa>,
     /// The pieces written (guest-physical address, length, whether every byte was zero).
     written: Vec<(Gpa, usize, bool)>,
 }
@@ -70,7 +83,8 @@ impl<H: MachineMemory> VcpuMemory<'_, H> {
     /// Translates `va` for `kind` through the guest's tables, setting A/D as the CPU would
     /// and validating those writes.
     fn translate(&mut self, va: u64, kind: AccessKind) -> Result<Gpa, EmuFault> {
-        let ctl = self.d.vcpus.get(self.v).map(|c| c.ctl).unwrap_or_default();
+        let mut ctl = self.d.vcpus.get(self.v).map(|c| c.ctl).unwrap_or_default();
+        ctl.rflags = self.rflags;
         let feat = self.d.config.guest_features;
         let access = Access::at_cpl(kind, self.cpl);
         let env = WalkEnv {
@@ -107,10 +121,23 @@ impl<H: MachineMemory> VcpuMemory<'_, H> {
         }
     }
 
+    /// Stops the instruction at `gpa` unless it is RAM: an instruction that reaches
+    /// anything else is an MMIO access, for the device model.
+    fn require_ram(&mut self, gpa: Gpa) -> Result<(), EmuFault> {
+        match self.d.guest_frame(gpa.gfn()) {
+            Some((_, P2mType::Ram)) => Ok(()),
+            _ => {
+                self.mmio.get_or_insert(gpa);
+                Err(EmuFault::GeneralProtection)
+            }
+        }
+    }
+
     fn load(&mut self, va: u64, buf: &mut [u8], kind: AccessKind) -> Result<(), EmuFault> {
         let mut done = 0usize;
         for (at, n) in page_pieces(va, buf.len()) {
             let gpa = self.translate(at, kind)?;
+            self.require_ram(gpa)?;
             let Some(out) = buf.get_mut(done..done + n) else {
                 return Err(self.fail(EngineError::Internal("emulator buffer")));
             };
@@ -134,24 +161,27 @@ impl<H: MachineMemory> EmuMemory for VcpuMemory<'_, H> {
         self.load(va, buf, AccessKind::Write)
     }
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
-        // Every page is checked (and its A/D set) before any byte is written.
-        let mut targets: Vec<(Gpa, usize)> = Vec::new();
-        for (at, n) in page_pieces(va, data.len()) {
-            targets.push((self.translate(at, AccessKind::Write)?, n));
-        }
+        // Every page is translated (its A/D set) and found to be RAM before any byte is
+        // written: a store that reaches a page that is not RAM writes nothing here.
+        let mut pieces: Vec<(Gpa, &[u8])> = Vec::new();
         let mut done = 0usize;
-        for (gpa, n) in targets {
+        for (at, n) in page_pieces(va, data.len()) {
+            let gpa = self.translate(at, AccessKind::Write)?;
             let Some(bytes) = data.get(done..done + n) else {
                 return Err(self.fail(EngineError::Internal("emulator buffer")));
             };
-            if !matches!(self.d.guest_frame(gpa.gfn()), Some((_, P2mType::Ram))) {
-                return Err(self.fail(EngineError::BadArgument("emulated write to non-RAM")));
-            }
-            if let Err(e) = self.d.write_guest_phys_now(gpa, bytes) {
-                return Err(self.fail(e));
-            }
-            self.written.push((gpa, n, bytes.iter().all(|&b| b == 0)));
+            pieces.push((gpa, bytes));
             done += n;
+        }
+        for &(gpa, _) in &pieces {
+            self.require_ram(gpa)?;
+        }
+        if let Err(e) = self.d.write_guest_pieces(&pieces) {
+            return Err(self.fail(e));
+        }
+        for &(gpa, bytes) in &pieces {
+            self.written
+                .push((gpa, bytes.len(), bytes.iter().all(|&b| b == 0)));
         }
         Ok(())
     }
@@ -178,14 +208,22 @@ impl<H: MachineMemory> Domain<H> {
                 d,
                 v,
                 cpl: next.cpl,
+                rflags: next.rflags,
                 error: None,
+                mmio: None,
                 written: Vec::new(),
             };
             let result = emulate_write(&mut next, &mut mem);
             let error = mem.error;
+            let mmio = mem.mmio;
             let written = core::mem::take(&mut mem.written);
             match (error, result) {
                 (Some(e), _) if e.is_fatal() => Err(e),
+                // Nothing was written (the access stopped at the page that is not RAM),
+                // and unshadowing would not help: the native retry reaches the same page.
+                (None, Err(EmuError::Fault(_))) if let Some(gpa) = mmio => {
+                    Ok(EmulateOutcome::Mmio { gpa })
+                }
                 (Some(_), _) | (None, Err(EmuError::Unhandled(_))) => {
                     let mut shadowed_again = false;
                     if let Some((mfn, P2mType::Ram)) = d.guest_frame(gpa.gfn()) {

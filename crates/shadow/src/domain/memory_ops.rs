@@ -78,34 +78,60 @@ impl<H: MachineMemory> Domain<H> {
         gpa: Gpa,
         data: &[u8],
     ) -> Result<(), EngineError> {
-        let d = self;
-        {
-            let mut done = 0usize;
-            while done < data.len() {
-                let addr = Gpa::new(gpa.raw().wrapping_add(done as u64));
-                let room = (PAGE_SIZE - addr.offset()) as usize;
-                let chunk = room.min(data.len() - done);
-                let bytes = data
-                    .get(done..done + chunk)
-                    .ok_or(EngineError::Internal("write chunk out of range"))?;
-                let Some((mfn, P2mType::Ram)) = d.guest_frame(addr.gfn()) else {
-                    return Err(EngineError::BadArgument("write to non-RAM guest memory"));
-                };
-                if d.forbidden(mfn) {
-                    return Err(EngineError::Internal(
-                        "guest memory maps a hypervisor frame",
-                    ));
-                }
-                write_bytes(
-                    &mut d.host,
-                    Maddr::new(mfn.base().raw() | addr.offset()),
-                    bytes,
-                )?;
-                d.after_guest_write(addr, chunk as u64)?;
-                done += chunk;
-            }
-            Ok(())
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < data.len() {
+            let addr = Gpa::new(gpa.raw().wrapping_add(done as u64));
+            let room = (PAGE_SIZE - addr.offset()) as usize;
+            let chunk = room.min(data.len() - done);
+            let bytes = data
+                .get(done..done + chunk)
+                .ok_or(EngineError::Internal("write chunk out of range"))?;
+            pieces.push((addr, bytes));
+            done += chunk;
         }
+        self.write_guest_pieces(&pieces)
+    }
+
+    /// Writes each `(address, bytes)` piece (each inside one page) to guest-physical memory
+    /// on the guest's behalf, all or nothing: every page is checked before any byte is
+    /// written, and every shadow of each page is brought up to date after all are written.
+    pub(crate) fn write_guest_pieces(
+        &mut self,
+        pieces: &[(Gpa, &[u8])],
+    ) -> Result<(), EngineError> {
+        let mut targets = Vec::with_capacity(pieces.len());
+        for &(gpa, bytes) in pieces {
+            if gpa.offset() + bytes.len() as u64 > PAGE_SIZE {
+                return Err(EngineError::Internal("a write piece crosses a page"));
+            }
+            targets.push(self.writable_ram(gpa.gfn())?);
+        }
+        for (&(gpa, bytes), mfn) in pieces.iter().zip(&targets) {
+            write_bytes(
+                &mut self.host,
+                Maddr::new(mfn.base().raw() | gpa.offset()),
+                bytes,
+            )?;
+        }
+        for &(gpa, bytes) in pieces {
+            self.after_guest_write(gpa, bytes.len() as u64)?;
+        }
+        Ok(())
+    }
+
+    /// The machine frame behind guest frame `gfn` for a write on the guest's behalf: RAM,
+    /// and not a frame the guest may never reach.
+    pub(crate) fn writable_ram(&self, gfn: Gfn) -> Result<Mfn, EngineError> {
+        let Some((mfn, P2mType::Ram)) = self.guest_frame(gfn) else {
+            return Err(EngineError::BadArgument("write to non-RAM guest memory"));
+        };
+        if self.forbidden(mfn) {
+            return Err(EngineError::Internal(
+                "guest memory maps a hypervisor frame",
+            ));
+        }
+        Ok(mfn)
     }
 
     /// Reads guest-physical memory (for an emulator, or a host inspecting the guest).

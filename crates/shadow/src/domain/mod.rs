@@ -91,6 +91,9 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) failed: Option<EngineError>,
     /// Shadow entries changed so far (tells a fix from a spurious fault).
     pub(crate) entries_written: u64,
+    /// Set by a fault that found nothing to fix: the error code the guest gets if the
+    /// hardware raises the same fault again (see [`Domain::page_fault`]).
+    pub(crate) fault_unfixed: Option<PfErrorCode>,
     /// The searches' state between calls: the write-access scan's cursor and the frames
     /// waiting for it, the fork/exit heuristic's per-vcpu run (see [`crate::remove`]).
     pub(crate) remove: crate::remove::RemoveState,
@@ -167,6 +170,7 @@ impl<H: MachineMemory> Domain<H> {
             needs_root: VcpuSet::NONE,
             failed: None,
             entries_written: 0,
+            fault_unfixed: None,
             remove: crate::remove::RemoveState::default(),
             #[cfg(feature = "rmap")]
             rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
@@ -261,15 +265,20 @@ impl<H: MachineMemory> Domain<H> {
 
     /// The control state the hardware must run a vcpu with to walk its shadows: paging on,
     /// CR0.WP set (so that read-only shadow entries trap supervisor writes), the shadow
-    /// mode's PAE/LMA and NXE, the guest's SMEP/SMAP/PKE/PGE where the guest pages, and
-    /// CR3 = the shadow root.
+    /// mode's PAE/LMA and NXE, the guest's SMEP/SMAP/PGE where the guest pages, its PKE
+    /// where both it and the shadows are 4-level, and CR3 = the shadow root.
     pub fn hardware_control(&self, v: usize) -> Option<ControlState> {
         let vcpu = self.vcpus.get(v)?;
         let root = vcpu.root?;
         let guest = &vcpu.ctl;
         let mut cr4 = 0;
         if guest.levels() != PagingLevels::Zero {
-            cr4 |= guest.cr4 & (cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PKE | cr::CR4_PGE);
+            cr4 |= guest.cr4 & (cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PGE);
+        }
+        // Protection keys exist only in 4-level paging: a 2- or 3-level guest that sets
+        // CR4.PKE has none, and 4-level hardware would apply PKRU to its every user access.
+        if guest.levels() == PagingLevels::Four && self.config.shadow_levels == PagingLevels::Four {
+            cr4 |= guest.cr4 & cr::CR4_PKE;
         }
         let mut efer = 0;
         match self.config.shadow_levels {
@@ -282,9 +291,6 @@ impl<H: MachineMemory> Domain<H> {
                 efer |= cr::EFER_NXE;
             }
             _ => {}
-        }
-        if self.config.shadow_levels != PagingLevels::Four {
-            cr4 &= !cr::CR4_PKE;
         }
         Some(ControlState {
             cr0: cr::CR0_PE | cr::CR0_PG | cr::CR0_WP,
@@ -536,6 +542,11 @@ impl<H: MachineMemory> Domain<H> {
     /// fetch (CR2 equals RIP) should set I even where the hardware cannot report it
     /// (32-bit shadows without CR4.SMEP); otherwise the engine resolves the ambiguity as
     /// well as it can.
+    ///
+    /// The guest's walk uses the vcpu's control state, whose RFLAGS.AC and PKRU are copies
+    /// the guest can change without an exit. A fault the engine finds nothing to fix for is
+    /// answered `Spurious`; raised again at once (same address and error code, no shadow
+    /// entry written since), it is propagated, so no fault is retried for ever.
     pub fn page_fault(
         &mut self,
         v: usize,
@@ -553,7 +564,27 @@ impl<H: MachineMemory> Domain<H> {
                     "no page fault at this address in the vcpu's mode: a linear address has 32 bits outside long mode and is canonical in it",
                 ));
             }
+            let start = d.entries_written;
+            let previous = d.vcpus[v].unfixed.take();
+            d.fault_unfixed = None;
             let outcome = d.shadow_fault(v, va, |d| pair.page_fault(d, v, va, error_code))?;
+            let outcome = match (outcome, d.fault_unfixed.take()) {
+                // The hardware raised again the fault it raised last, on the same shadow
+                // entries (none written since), and the guest's walk still allows the
+                // access: what refuses it is state only the hardware sees as it is now
+                // (RFLAGS.AC for SMAP, PKRU), not the engine's copy. The guest gets the
+                // fault instead of retrying for ever.
+                (FaultOutcome::Spurious, Some(code))
+                    if previous == Some((va, error_code, start)) && d.entries_written == start =>
+                {
+                    FaultOutcome::Propagate(code)
+                }
+                (FaultOutcome::Spurious, Some(_)) => {
+                    d.vcpus[v].unfixed = Some((va, error_code, d.entries_written));
+                    FaultOutcome::Spurious
+                }
+                (outcome, _) => outcome,
+            };
             match outcome {
                 FaultOutcome::Fixed => d.stats.fault_fixed += 1,
                 FaultOutcome::Spurious => d.stats.fault_spurious += 1,

@@ -1,9 +1,9 @@
 //! Per-vcpu paging state: the guest's control registers, the M-on-N pair it runs in, and
 //! the top-level shadows it uses.
 
-use crate::addr::{Gpa, Mfn};
+use crate::addr::{Gpa, Gva, Mfn};
 use crate::multi::Pair;
-use crate::paging::{ControlState, PagingLevels, bits::cr};
+use crate::paging::{ControlState, PagingLevels, PfErrorCode, bits::cr};
 use crate::types::Flavor;
 
 /// One vcpu as the engine sees it.
@@ -30,6 +30,10 @@ pub struct Vcpu {
     /// page that was shadowed again at once (a table a vcpu runs on): the same again makes
     /// no progress.
     pub(crate) unemulated: Option<(u64, Gpa)>,
+    /// The last fault of this vcpu the engine found nothing to fix for (the guest's walk
+    /// allows the access and the shadows already did): its address, the hardware's error
+    /// code and the count of shadow entries written when it was answered `Spurious`.
+    pub(crate) unfixed: Option<(Gva, PfErrorCode, u64)>,
 }
 
 /// How a vcpu's root is (re)loaded.
@@ -86,11 +90,13 @@ impl Vcpu {
                 pse: self.ctl.cr4 & cr::CR4_PSE != 0,
                 nxe: false,
                 high: false,
+                pkey: 0,
             },
             PagingLevels::Three | PagingLevels::Four => Flavor {
                 pse: false,
                 nxe: self.ctl.nxe(),
                 high: false,
+                pkey: 0,
             },
             PagingLevels::Zero => Flavor::default(),
         }

@@ -196,13 +196,25 @@ where
         Ok(e)
     }
 
+    /// The protection key a splinter of the superpage that guest entry `gentry` maps gives
+    /// its entries: the guest's key where both the guest and the shadows have keys.
+    pub(super) fn splinter_pkey(gentry: u64) -> u8 {
+        if G::LEVELS == PagingLevels::Four && S::LEVELS == PagingLevels::Four {
+            ((gentry & bits::PKEY_MASK) >> bits::PKEY_SHIFT) as u8
+        } else {
+            0
+        }
+    }
+
     /// The splinter entry for frame `gfn` of a guest superpage mapped by `pde`: US set and
-    /// NX clear (the upper shadow entry carries the guest's rights), never global.
+    /// NX clear (the upper shadow entry carries the guest's rights), never global, with
+    /// protection key `pkey` (the splinter's, see [`Flavor::pkey`]).
     pub(super) fn fl1_sentry<H: MachineMemory>(
         d: &Domain<H>,
         frames: &FrameCache,
         pde: u64,
         gfn: Gfn,
+        pkey: u8,
     ) -> Result<u64, EngineError> {
         let Some((mfn, P2mType::Ram)) = frames.guest_frame(d, gfn) else {
             // The upper entry carries the guest's rights; D is not known here, so writes
@@ -211,6 +223,7 @@ where
         };
         Self::check_representable(mfn)?;
         let mut e = bits::P | bits::A | bits::D | bits::US | mfn.base().raw();
+        e |= (u64::from(pkey) << bits::PKEY_SHIFT) & bits::PKEY_MASK;
         e |= pde & (bits::PWT | bits::PCD);
         if pde & bits::PAT_LARGE != 0 {
             e |= bits::PAT_4K;
@@ -273,9 +286,13 @@ where
             return Ok(Some(ShadowKey {
                 frame: base.raw(),
                 kind: Self::fl1_kind()?,
-                flavor,
+                flavor: Flavor {
+                    pkey: Self::splinter_pkey(gentry),
+                    ..flavor
+                },
             }));
         }
+        let flavor = Flavor { pkey: 0, ..flavor };
         let gfn = gfn_of(G::entry_address(gentry, level, false));
         match frames.guest_frame(d, gfn) {
             Some((mfn, P2mType::Ram)) => Ok(Some(ShadowKey {

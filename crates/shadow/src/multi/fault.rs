@@ -232,6 +232,7 @@ where
                         true,
                         written_before,
                         None,
+                        ec,
                     );
                 }
                 // A faulting walk writes nothing, with A/D updates or without.
@@ -330,6 +331,7 @@ where
                 false,
                 written_before,
                 read_fault,
+                ec,
             ),
             Err(failure) => Self::walk_failed(d, &frames, v, va, guest_ec, &failure, None),
         }
@@ -403,6 +405,7 @@ where
         current: bool,
         written_before: u64,
         read_fault: Option<PfErrorCode>,
+        ec: PfErrorCode,
     ) -> Result<FaultOutcome, EngineError> {
         let flavor = d.vcpus[v].flavor;
         let gfn = t.frame;
@@ -460,10 +463,18 @@ where
             }
         }
         if changed {
-            Ok(FaultOutcome::Fixed)
-        } else {
-            Ok(FaultOutcome::Spurious)
+            return Ok(FaultOutcome::Fixed);
         }
+        // Nothing to fix: if the hardware faults the same way again, it refuses what the
+        // guest's tables allow (SMAP with the live RFLAGS.AC, the live PKRU), and the guest
+        // gets this code.
+        let ctl = d.vcpus[v].ctl;
+        let mut code = PfErrorCode::for_access_in(access, &ctl, G::LEVELS).bits() | PfErrorCode::P;
+        if G::LEVELS == PagingLevels::Four {
+            code |= ec.bits() & PfErrorCode::PK;
+        }
+        d.fault_unfixed = Some(PfErrorCode(code));
+        Ok(FaultOutcome::Spurious)
     }
 
     /// Whether a write to a page only needs it marked dirty (log-dirty mode, page clean,
@@ -575,7 +586,7 @@ where
             return Ok(());
         };
         let new = match leaf.superpage {
-            Some((pde, gfn)) => Self::fl1_sentry(d, frames, pde, gfn)?,
+            Some((pde, gfn)) => Self::fl1_sentry(d, frames, pde, gfn, Self::splinter_pkey(pde))?,
             None => {
                 let entry = path
                     .at_level(1)

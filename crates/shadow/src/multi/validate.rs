@@ -91,7 +91,8 @@ where
             // A splinter's entries depend on the p2m and frame state only; its upper entry
             // carries the guest's rights.
             let gfn = Gfn::new(key.frame + index);
-            return Ok(Some(Self::fl1_sentry(d, &FrameCache::new(), 0, gfn)?));
+            let pkey = key.flavor.pkey;
+            return Ok(Some(Self::fl1_sentry(d, &FrameCache::new(), 0, gfn, pkey)?));
         }
         let gentry = Self::read_gentry_in(d, Mfn::new(key.frame), index)?;
         Ok(Some(Self::leaf_sentry(
