@@ -4,7 +4,7 @@
 use shadow2::addr::{Gfn, Gpa, Maddr, Mfn};
 use shadow2::multi::Pair;
 use shadow2::p2m::P2mType;
-use shadow2::paging::PhysMem;
+use shadow2::paging::{PagingLevels, PhysMem};
 use shadow2_machine::sim::GuestError;
 
 use crate::engine_support::{DATA, PAGING_PAIRS};
@@ -93,14 +93,17 @@ fn xsa_294_remap_of_a_page_table_frame_while_vcpus_run() {
 }
 
 /// Issue 10: `set_p2m` of a vcpu's CR3 frame. The host remaps the guest's top-level table
-/// to a copy, then removes it. Must hold: each call either succeeds and hands out its flush
-/// and reloads, or fails having changed nothing (the p2m entry as before); the TLBs never
-/// map the frame the guest lost.
+/// to a copy, then removes it (a PAE guest keeps walking through the PDPTE registers it
+/// loaded, SDM 4.4.1, so there the L2 its PDPTE names is removed too). Must hold: each
+/// call either succeeds and hands out its flush and reloads, or fails having changed
+/// nothing (the p2m entry as before); the TLBs never map the frame the guest lost.
 #[test]
 fn issue10_set_p2m_of_the_cr3_frame_hands_out_everything_it_owes() {
     for pair in PAGING_PAIRS {
         let (mut x, cr3) = two_vcpus(pair);
         let top = cr3 >> 12;
+        let pae_l2 =
+            (pair.guest() == PagingLevels::Three).then(|| x.t.table_of(&mut x.m, cr3, X, 2));
         let copy = copy_frame(&mut x, top);
         let before = x.domain().guest_frame(Gfn::new(top));
         match x.set_p2m(top, Some((copy, P2mType::Ram))) {
@@ -114,16 +117,30 @@ fn issue10_set_p2m_of_the_cr3_frame_hands_out_everything_it_owes() {
                 assert_eq!(x.domain().guest_frame(Gfn::new(top)), before, "{pair:?}");
             }
         }
-        let before = x.domain().guest_frame(Gfn::new(top));
-        match x.set_p2m(top, None) {
-            Ok(()) => {
-                for v in 0..2 {
-                    assert!(x.read(v, X).is_err(), "{pair:?}");
-                }
+        let mut lost = vec![top];
+        if let Some(l2) = pae_l2 {
+            x.set_p2m(top, None).unwrap();
+            for v in 0..2 {
+                assert_eq!(
+                    x.read(v, X).unwrap(),
+                    1,
+                    "{pair:?}: the PDPTE registers hold"
+                );
             }
-            Err(e) => {
-                assert!(!e.is_fatal(), "{pair:?}: {e}");
-                assert_eq!(x.domain().guest_frame(Gfn::new(top)), before, "{pair:?}");
+            lost = vec![l2];
+        }
+        for gfn in lost {
+            let before = x.domain().guest_frame(Gfn::new(gfn));
+            match x.set_p2m(gfn, None) {
+                Ok(()) => {
+                    for v in 0..2 {
+                        assert!(x.read(v, X).is_err(), "{pair:?}");
+                    }
+                }
+                Err(e) => {
+                    assert!(!e.is_fatal(), "{pair:?}: {e}");
+                    assert_eq!(x.domain().guest_frame(Gfn::new(gfn)), before, "{pair:?}");
+                }
             }
         }
     }
@@ -182,6 +199,68 @@ fn issue10_remove_frame_of_the_cr3_frame_hands_out_everything_it_owes() {
         }
         for v in 0..2 {
             let _ = x.read(v, X);
+        }
+    }
+}
+
+/// Issue 10: the host takes away the guest table a vcpu's root is built on (the CR3 frame,
+/// or for a PAE guest the L2 its PDPTE register names), then gives the gfn its frame back.
+/// The vcpus were left on a root without that table (every walk faults), and the engine
+/// failed the domain at the next fault, whose guest walk now succeeded below a missing top.
+/// Must hold: while the table is gone every access faults; once it is back the vcpus walk
+/// it again and see the data they wrote.
+#[test]
+fn issue10_top_table_taken_away_and_given_back_is_walked_again() {
+    for pair in PAGING_PAIRS {
+        let (mut x, cr3) = two_vcpus(pair);
+        let gfn = if pair.guest() == PagingLevels::Three {
+            x.t.table_of(&mut x.m, cr3, X, 2)
+        } else {
+            cr3 >> 12
+        };
+        let mfn = x.mfn(gfn);
+        x.set_p2m(gfn, None).unwrap();
+        for v in 0..2 {
+            let r = x.read(v, X);
+            assert!(r.is_err(), "{pair:?}: {r:?}");
+        }
+        x.set_p2m(gfn, Some((mfn, P2mType::Ram))).unwrap();
+        for v in 0..2 {
+            assert_eq!(x.read(v, X).unwrap(), 1, "{pair:?} vcpu {v}");
+            assert_eq!(x.read(v, X + 8).unwrap(), 2, "{pair:?} vcpu {v}");
+        }
+        x.write(1, X, 7).unwrap();
+        assert_eq!(x.read(0, X).unwrap(), 7, "{pair:?}");
+    }
+}
+
+/// Issue 10, PV side: a non-translated domain gives back the frame its CR3 names, then the
+/// host returns it. Must hold: the vcpus fault while it is gone (no freed shadow is
+/// walked), and walk it again once it is back.
+#[test]
+fn issue10_cr3_frame_removed_then_added_back_is_walked_again() {
+    for pair in [Pair::P2on2, Pair::P2on4, Pair::P4on4] {
+        let (mut x, data) = Xsa::pv(pair, 2, 24);
+        let cr3 = x.space();
+        x.map(cr3, X, data[1], DATA);
+        x.run(0, cr3);
+        x.run(1, cr3);
+        x.write(0, X, 1).unwrap();
+        let top = Mfn::new(cr3 >> 12);
+        x.host("remove_frame of the CR3 frame", |d| {
+            d.remove_frame(top).map(|f| ((), f))
+        })
+        .unwrap();
+        for v in 0..2 {
+            let r = x.read(v, X);
+            assert!(r.is_err(), "{pair:?}: {r:?}");
+        }
+        x.host("add_frame of the CR3 frame", |d| {
+            d.add_frame(top).map(|()| ((), shadow2::flush::Flush::NONE))
+        })
+        .unwrap();
+        for v in 0..2 {
+            assert_eq!(x.read(v, X).unwrap(), 1, "{pair:?} vcpu {v}");
         }
     }
 }

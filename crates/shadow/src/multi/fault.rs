@@ -181,6 +181,11 @@ where
             return Self::unpaged_fault(d, va, ec);
         }
         let va = if G::VA_BITS == 32 { va.low32() } else { va };
+        if Self::top_is_back(d, v, va) {
+            // The root was built without this guest table; the guest retries on a new one.
+            Self::reload_root(d, v)?;
+            return Ok(FaultOutcome::Spurious);
+        }
         let ctl = d.vcpus[v].ctl;
         let access = Self::access_of(ec);
         let guest_ec = PfErrorCode::for_access_in(access, &ctl, G::LEVELS);
