@@ -9,49 +9,7 @@ use crate::host::MachineMemory;
 use crate::paging::{PagingLevels, bits};
 use crate::types::{ShadowKey, ShadowKind};
 
-/// Marks a shadow L1 entry that the hardware must fault on with RSVD set: bit 51 is
-/// reserved whenever MAXPHYADDR < 52 (fast path, seed future optimisation 2).
-pub(crate) const MAGIC: u64 = bits::P | (1 << 51);
-/// Magic type: the guest entry is not present.
-pub(crate) const MAGIC_NOT_PRESENT: u64 = 1 << 9;
-/// Magic type: MMIO; the guest frame number sits in bits 12..48.
-pub(crate) const MAGIC_MMIO: u64 = 2 << 9;
-const MAGIC_TYPE: u64 = 7 << 9;
-const MAGIC_GFN_MASK: u64 = 0x0000_ffff_ffff_f000;
-
-/// The guest leaf's own rights kept in an MMIO magic entry (at their usual positions), so
-/// that the fast path can check the access before calling it MMIO.
-pub(crate) const MAGIC_MMIO_RIGHTS: u64 = bits::RW | bits::US | bits::D | bits::NX;
-
-/// A decoded magic entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Magic {
-    NotPresent,
-    /// MMIO: the guest frame, and the guest leaf's RW/US/D/NX.
-    Mmio(u64, u64),
-}
-
-pub(crate) fn is_magic(entry: u64) -> bool {
-    entry & MAGIC == MAGIC
-}
-
-pub(crate) fn decode_magic(entry: u64) -> Option<Magic> {
-    if !is_magic(entry) {
-        return None;
-    }
-    match entry & MAGIC_TYPE {
-        MAGIC_NOT_PRESENT => Some(Magic::NotPresent),
-        MAGIC_MMIO => Some(Magic::Mmio(
-            (entry & MAGIC_GFN_MASK) >> 12,
-            entry & MAGIC_MMIO_RIGHTS,
-        )),
-        _ => None,
-    }
-}
-
-pub(crate) fn magic_mmio(gfn: u64, rights: u64) -> u64 {
-    MAGIC | MAGIC_MMIO | ((gfn << 12) & MAGIC_GFN_MASK) | (rights & MAGIC_MMIO_RIGHTS)
-}
+pub(crate) use super::marker::{MAGIC, MAGIC_NOT_PRESENT, Magic, is_magic};
 
 impl<H: MachineMemory> Domain<H> {
     /// Bytes per shadow entry.
@@ -65,7 +23,9 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Whether shadow L1 entries may carry magic (reserved-bit) encodings.
     pub(crate) fn fast_path_on(&self) -> bool {
-        self.config.fast_path && self.config.shadow_levels != PagingLevels::Two
+        self.config.fast_path
+            && self.config.shadow_levels != PagingLevels::Two
+            && super::marker::MmioLayout::new(self.config.host_maxphyaddr).is_some()
     }
 
     /// The frame a shadow entry points at, if it is present and not magic.

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use super::{Engine, FaultOutcome, Supported};
 use crate::addr::{Gpa, Gva, Maddr, Mfn};
-use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic, decode_magic};
+use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic};
 use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
 use crate::domain::{Domain, EngineError, RefcountMode};
 use crate::host::MachineMemory;
@@ -515,7 +515,7 @@ where
         if last.level != 1 {
             return Ok(None);
         }
-        match decode_magic(last.value) {
+        match d.decode_magic(last.value) {
             Some(Magic::NotPresent) => {
                 d.stats.fast_path += 1;
                 d.stats.fast_path_not_present += 1;
