@@ -264,3 +264,51 @@ fn issue10_cr3_frame_removed_then_added_back_is_walked_again() {
         }
     }
 }
+
+/// Issue 10, the same with the pool full of shadows the vcpus can reach: the root rebuild
+/// after the p2m change found no free block (the old top waits for the flush) and
+/// answered `Preempted` with the p2m already changed, which tells the host the opposite.
+/// Must hold: the call succeeds (its rebuild's blocks set aside before anything changes)
+/// or fails having changed nothing; either way the vcpus keep a root and read X.
+#[test]
+fn issue10_set_p2m_of_the_cr3_frame_with_a_full_pool() {
+    for pair in PAGING_PAIRS {
+        let mut x = Xsa::new(pair, 2, 0);
+        let cr3 = x.space();
+        x.map(cr3, X, DATA_GFN, DATA);
+        // One L1 per 4 MiB: more than the pool holds.
+        let vas: Vec<u64> = (1..48u64).map(|k| X + k * 0x40_0000).collect();
+        for &va in &vas {
+            x.map(cr3, va, DATA_GFN + 1, DATA);
+        }
+        x.run(0, cr3);
+        x.run(1, cr3);
+        x.write(0, X, 1).unwrap();
+        for &va in &vas {
+            x.read(0, va).unwrap();
+            x.read(1, va).unwrap();
+        }
+        let top = if pair.guest() == PagingLevels::Three {
+            x.t.table_of(&mut x.m, cr3, X, 2)
+        } else {
+            cr3 >> 12
+        };
+        let copy = copy_frame(&mut x, top);
+        let before = x.domain().guest_frame(Gfn::new(top));
+        match x.set_p2m(top, Some((copy, P2mType::Ram))) {
+            Ok(()) => assert_eq!(x.mfn(top), copy, "{pair:?}"),
+            Err(e) => {
+                assert!(!e.is_fatal(), "{pair:?}: {e}");
+                assert_eq!(
+                    x.domain().guest_frame(Gfn::new(top)),
+                    before,
+                    "{pair:?}: {e} after the p2m changed"
+                );
+            }
+        }
+        assert!(x.domain().rootless().is_empty(), "{pair:?}");
+        for v in 0..2 {
+            assert_eq!(x.read(v, X).unwrap(), 1, "{pair:?} vcpu {v}");
+        }
+    }
+}

@@ -221,6 +221,55 @@ impl<H: MachineMemory> Domain<H> {
         Ok(())
     }
 
+    /// [`Domain::prealloc`] of the `orders` the reserve does not hold already (an operation
+    /// that set its blocks aside earlier, before it changed anything).
+    pub(crate) fn prealloc_missing(&mut self, orders: &[u8]) -> Result<(), EngineError> {
+        let mut held: alloc::vec::Vec<u8> = self.reserve.blocks.iter().map(|b| b.1).collect();
+        for &order in orders {
+            match held.iter().position(|&o| o == order) {
+                Some(i) => {
+                    held.swap_remove(i);
+                }
+                None => {
+                    let block = self.alloc_evicting(order)?;
+                    self.reserve.blocks.push((block, order));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets aside the pool blocks that rebuilding the roots of the vcpus running on a
+    /// top-level shadow of guest frame `mfn` may take (a new top for each, and an empty
+    /// root block for a vcpu without one), before an operation that unshadows `mfn`
+    /// changes anything: its rebuild then cannot fail for want of a page.
+    pub(crate) fn prealloc_root_rebuilds(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        let shadow = self.config.shadow_levels;
+        let mut orders = alloc::vec::Vec::new();
+        for vcpu in &self.vcpus {
+            let Some(guest) = vcpu.pair.map(|p| p.guest()) else {
+                continue;
+            };
+            let hashed_top = if guest == PagingLevels::Three {
+                2
+            } else {
+                guest.count()
+            };
+            let Some(kind) = ShadowKind::for_guest(guest, hashed_top) else {
+                continue;
+            };
+            let on_frame = vcpu
+                .tops()
+                .filter(|&t| self.store.info(t).is_some_and(|i| i.key.frame == mfn.raw()))
+                .count();
+            orders.extend(core::iter::repeat_n(kind.order(shadow), on_frame));
+            if on_frame > 0 && vcpu.vcpu_top.is_none() {
+                orders.push(ShadowKind::VcpuTop.order(shadow));
+            }
+        }
+        self.prealloc(&orders)
+    }
+
     /// Gives unused reserved blocks back to the pool.
     pub(crate) fn release_reserve(&mut self) {
         for (block, order) in core::mem::take(&mut self.reserve.blocks) {

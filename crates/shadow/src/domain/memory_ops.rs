@@ -234,6 +234,7 @@ impl<H: MachineMemory> Domain<H> {
                 ..
             }) = old
             {
+                d.prealloc_root_rebuilds(mfn)?;
                 d.remove_all_mappings(mfn)?;
                 d.unshadow(mfn)?;
             }
@@ -290,6 +291,7 @@ impl<H: MachineMemory> Domain<H> {
                     "the domain does not own the frame",
                 ));
             }
+            d.prealloc_root_rebuilds(mfn)?;
             d.remove_all_mappings(mfn)?;
             d.unshadow(mfn)?;
             d.owned.remove(&mfn);

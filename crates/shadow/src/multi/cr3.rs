@@ -90,7 +90,7 @@ where
         for frame in frames.iter().flatten() {
             d.prepare_top_frame(*frame)?;
         }
-        d.prealloc(&orders)?;
+        d.prealloc_missing(&orders)?;
 
         if load.fresh {
             d.release_vcpu_tops(v)?;
