@@ -2,6 +2,7 @@
 //! translations of them, and frames that are page tables (the top level included).
 
 use shadow2::addr::{Gfn, Gpa, Maddr, Mfn};
+use shadow2::domain::EngineError;
 use shadow2::multi::Pair;
 use shadow2::p2m::P2mType;
 use shadow2::paging::{PagingLevels, PhysMem};
@@ -309,6 +310,87 @@ fn issue10_set_p2m_of_the_cr3_frame_with_a_full_pool() {
         assert!(x.domain().rootless().is_empty(), "{pair:?}");
         for v in 0..2 {
             assert_eq!(x.read(v, X).unwrap(), 1, "{pair:?} vcpu {v}");
+        }
+    }
+}
+
+/// Issue 10, PV side, a page table below the top: the domain gives back the frame of the
+/// L1 that maps X while both vcpus hold X in their TLBs, then gets it back. Must hold: the
+/// call hands out its flush (no TLB or paging-structure cache keeps the L1's shadow), X
+/// faults while the frame is gone, and is mapped again once it is back.
+#[test]
+fn issue10_remove_frame_of_a_page_table_while_vcpus_run() {
+    for pair in [Pair::P2on2, Pair::P2on4, Pair::P4on4] {
+        let (mut x, data) = Xsa::pv(pair, 2, 24);
+        let cr3 = x.space();
+        x.map(cr3, X, data[1], DATA);
+        x.run(0, cr3);
+        x.run(1, cr3);
+        x.write(0, X, 1).unwrap();
+        x.write(1, X + 8, 2).unwrap();
+        let l1 = Mfn::new(x.t.table_of(&mut x.m, cr3, X, 1));
+        x.host("remove_frame of an L1", |d| {
+            d.remove_frame(l1).map(|f| ((), f))
+        })
+        .unwrap();
+        assert!(!x.domain().shadows().is_page_table(l1), "{pair:?}");
+        for v in 0..2 {
+            let r = x.read(v, X);
+            assert!(r.is_err(), "{pair:?}: {r:?}");
+        }
+        x.host("add_frame of the L1", |d| {
+            d.add_frame(l1).map(|()| ((), shadow2::flush::Flush::NONE))
+        })
+        .unwrap();
+        for v in 0..2 {
+            assert_eq!(x.read(v, X).unwrap(), 1, "{pair:?} vcpu {v}");
+        }
+    }
+}
+
+/// Issue 10, host-side bad arguments: `remove_frame` of a frame the domain does not own,
+/// or on a translated domain (whose frames leave through the p2m), did a full removal scan
+/// and owed a flush for nothing. Must hold: refused at once, nothing changes.
+#[test]
+fn issue10_remove_frame_refuses_frames_the_domain_does_not_own() {
+    let (mut x, _) = Xsa::pv(Pair::P4on4, 1, 24);
+    let stranger = x.host_frame();
+    let flushes = x.domain().stats().flushes;
+    let r = x.host("remove_frame of a stranger", |d| {
+        d.remove_frame(stranger).map(|f| ((), f))
+    });
+    assert!(matches!(r, Err(EngineError::BadArgument(_))), "{r:?}");
+    assert_eq!(x.domain().stats().flushes, flushes);
+    let mut x = Xsa::new(Pair::P4on4, 1, 128);
+    let mfn = x.mfn(DATA_GFN);
+    let r = x.host("remove_frame on a translated domain", |d| {
+        d.remove_frame(mfn).map(|f| ((), f))
+    });
+    assert!(matches!(r, Err(EngineError::BadArgument(_))), "{r:?}");
+    assert_eq!(x.mfn(DATA_GFN), mfn);
+}
+
+/// XSA-273 (L1TF) from the host's side: MMIO markers point into the upper half of the
+/// host's MAXPHYADDR, so guest RAM there would be what a speculative load through one
+/// reads. Must hold: `set_p2m` refuses RAM there (nothing changes) and accepts MMIO there.
+#[test]
+fn issue10_set_p2m_refuses_ram_where_mmio_markers_point() {
+    for pair in PAGING_PAIRS {
+        let (mut x, _) = two_vcpus(pair);
+        let maxphyaddr = x.domain().config().host_maxphyaddr;
+        let upper = Mfn::new(1 << (maxphyaddr - 13));
+        let before = x.domain().guest_frame(Gfn::new(DATA_GFN));
+        let r = x.set_p2m(DATA_GFN, Some((upper, P2mType::Ram)));
+        assert!(
+            matches!(r, Err(EngineError::BadArgument(_))),
+            "{pair:?}: {r:?}"
+        );
+        assert_eq!(x.domain().guest_frame(Gfn::new(DATA_GFN)), before);
+        assert_eq!(x.read(0, X).unwrap(), 1, "{pair:?}");
+        let max_mfn = x.domain().p2m().unwrap().max_mfn();
+        if upper < max_mfn {
+            x.set_p2m(DATA_GFN + 5, Some((upper, P2mType::Mmio)))
+                .unwrap();
         }
     }
 }
