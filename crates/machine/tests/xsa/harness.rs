@@ -46,7 +46,13 @@ impl Xsa {
     /// A machine with `vcpus` vcpus and a pool of `pool` pages running a guest of `pair`'s
     /// mode on its shadow mode.
     pub fn new(pair: Pair, vcpus: usize, pool: usize) -> Xsa {
-        let m = machine(hvm(pair.shadow(), vcpus, pool), RAM);
+        Xsa::with_config(pair, hvm(pair.shadow(), vcpus, pool))
+    }
+
+    /// A machine for `config` (an HVM domain on `pair`'s shadow mode) running a guest of
+    /// `pair`'s mode.
+    pub fn with_config(pair: Pair, config: DomainConfig) -> Xsa {
+        let m = machine(config, RAM);
         let since = Since::now(&m);
         Xsa {
             pair,

@@ -248,11 +248,13 @@ impl<H: MachineMemory> Domain<H> {
                 ty: P2mType::Ram,
                 ..
             }) = old
-                && let Some(set) = d.m2p.get_mut(&mfn)
             {
-                set.remove(&gfn);
-                if set.is_empty() {
-                    d.m2p.remove(&mfn);
+                d.end_mapping_removal(mfn);
+                if let Some(set) = d.m2p.get_mut(&mfn) {
+                    set.remove(&gfn);
+                    if set.is_empty() {
+                        d.m2p.remove(&mfn);
+                    }
                 }
             }
             if let Some((mfn, P2mType::Ram)) = mapping {
@@ -295,6 +297,7 @@ impl<H: MachineMemory> Domain<H> {
             d.remove_all_mappings(mfn)?;
             d.unshadow(mfn)?;
             d.owned.remove(&mfn);
+            d.end_mapping_removal(mfn);
             d.pending_flush = d.all_vcpus();
             d.rebuild_roots()
         })
