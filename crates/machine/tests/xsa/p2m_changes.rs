@@ -394,3 +394,30 @@ fn issue10_set_p2m_refuses_ram_where_mmio_markers_point() {
         }
     }
 }
+
+/// Issue 10, PV side of the MAXPHYADDR check: `add_frame` gave a non-translated domain any
+/// frame that was not hypervisor-side, so its page tables could name frames beyond the
+/// host's MAXPHYADDR (entries the hardware faults on for ever) or where MMIO markers point.
+/// Must hold: both refused, the domain's frames unchanged.
+#[test]
+fn issue10_add_frame_refuses_frames_beyond_maxphyaddr_or_where_markers_point() {
+    for pair in [Pair::P2on4, Pair::P4on4] {
+        let (mut x, _) = Xsa::pv(pair, 1, 8);
+        let maxphyaddr = x.domain().config().host_maxphyaddr;
+        let owned = x.domain().owned_frames().count();
+        for bad in [
+            Mfn::new(1 << (maxphyaddr - 12)),
+            Mfn::new(1 << (maxphyaddr - 13)),
+            Mfn::new(u64::MAX >> 12),
+        ] {
+            let r = x.host("add_frame", |d| {
+                d.add_frame(bad).map(|()| ((), shadow2::flush::Flush::NONE))
+            });
+            assert!(
+                matches!(r, Err(EngineError::BadArgument(_))),
+                "{pair:?} {bad}: {r:?}"
+            );
+            assert_eq!(x.domain().owned_frames().count(), owned);
+        }
+    }
+}
