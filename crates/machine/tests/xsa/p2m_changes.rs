@@ -421,3 +421,36 @@ fn issue10_add_frame_refuses_frames_beyond_maxphyaddr_or_where_markers_point() {
         }
     }
 }
+
+/// Issue 10: a guest loads CR3 with a top table at a gfn that is not RAM yet (the CPU
+/// refuses no such load; the engine answered #GP), touches memory, and the host then
+/// populates the gfn with the table. Must hold: the load succeeds, accesses fault as
+/// through a not-present table while the gfn is empty, and the vcpu walks the table once
+/// it is RAM, with no CR3 load in between.
+#[test]
+fn issue10_cr3_naming_a_gfn_the_host_populates_later() {
+    for pair in PAGING_PAIRS {
+        if pair.guest() == PagingLevels::Three {
+            // Its CR3 names the PDPT, read into registers at the load (see pdpte.rs).
+            continue;
+        }
+        let mut x = Xsa::new(pair, 1, 128);
+        let old = x.space();
+        x.map(old, X, DATA_GFN, DATA);
+        x.run(0, old);
+        x.write(0, X, 9).unwrap();
+        let cr3 = x.space();
+        x.map(cr3, X, DATA_GFN, DATA);
+        let top = cr3 >> 12;
+        let mfn = x.mfn(top);
+        x.set_p2m(top, None).unwrap();
+        x.cr3(0, cr3).unwrap();
+        let r = x.read(0, X);
+        assert!(
+            matches!(r, Err(GuestError::PageFault { .. })),
+            "{pair:?}: {r:?}"
+        );
+        x.set_p2m(top, Some((mfn, P2mType::Ram))).unwrap();
+        assert_eq!(x.read(0, X).unwrap(), 9, "{pair:?}");
+    }
+}

@@ -5,7 +5,7 @@
 use super::{Engine, Supported};
 use crate::addr::{Maddr, Mfn};
 use crate::domain::guest_mem::gfn_of;
-use crate::domain::{Domain, EngineError, GuestFault, RootLoad};
+use crate::domain::{Domain, EngineError, RootLoad};
 use crate::flush::VcpuSet;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
@@ -17,7 +17,7 @@ where
     (G, S): Supported,
 {
     /// Loads the vcpu's root for `load`. Everything that can fail without failing the domain
-    /// (a guest frame that is not RAM, the pool needing a flush first) fails before the vcpu
+    /// (the pool needing a flush first, a write-access scan to finish) fails before the vcpu
     /// changes; then, for a fresh load, its old tops are released.
     pub(super) fn update_cr3<H: MachineMemory>(
         d: &mut Domain<H>,
@@ -59,13 +59,12 @@ where
                 }
             }
         } else {
-            let gfn = gfn_of(G::root_table(ctl.cr3));
-            match d.guest_frame(gfn) {
-                Some((mfn, P2mType::Ram)) => frames[0] = Some(mfn),
-                // The host took the guest's top table away under a running vcpu: the root
-                // is rebuilt empty, so every walk faults until the gfn is RAM again.
-                _ if d.remove.rebuilding => {}
-                _ => return Err(EngineError::Guest(GuestFault::GeneralProtection)),
+            // A top table outside RAM (the guest loaded such a CR3, which the CPU does not
+            // refuse, or the host took the table away under a running vcpu) reads as not
+            // present, as any unbacked guest table does: the root is empty and every walk
+            // faults until the gfn is RAM.
+            if let Some((mfn, P2mType::Ram)) = d.guest_frame(gfn_of(G::root_table(ctl.cr3))) {
+                frames[0] = Some(mfn);
             }
         }
         // A root with no guest table behind it: the vcpu's own top block, every entry empty.
