@@ -242,3 +242,46 @@ fn fast_path_works_on_pae_shadows() {
         mmio_fast_path(pair);
     }
 }
+
+/// Issue 10 (XSA-273, L1TF): the MMIO marker's layout depends on the host's MAXPHYADDR
+/// (the gfn's low bits below it, the top bit below it set, the rest above it). Must hold
+/// at every width: MMIO on the first access and on the fast path after it, for small gfns
+/// and for gfns whose high bits go above MAXPHYADDR, with the exact gpa; with no reserved
+/// bit to spare (MAXPHYADDR 52) no fast path; widths outside 32..=52 refused.
+#[test]
+fn mmio_markers_decode_exactly_at_every_host_width() {
+    for width in [36u8, 40, 46, 48, 51, 52] {
+        let config = DomainConfig {
+            host_maxphyaddr: width,
+            ..hvm(PagingLevels::Four, 1, 128)
+        };
+        let (mut m, mut t, cr3) = setup(config, PagingLevels::Four);
+        for target in [RAM + 5, (1u64 << 35) - 3] {
+            t.map(&mut m, cr3, X, target, DATA);
+            m.invlpg(0, Gva::new(X)).unwrap();
+            let gpa = (target << 12) | 0x18;
+            for _ in 0..2 {
+                let s0 = *m.domain().stats();
+                let r = m.read(0, Gva::new(X + 0x18), SUP, &mut [0; 8]);
+                assert!(
+                    matches!(r, Err(GuestError::Mmio { gpa: g }) if g.raw() == gpa),
+                    "width {width}: {r:?}"
+                );
+                assert_eq!(m.domain().stats().fault_mmio, s0.fault_mmio + 1);
+            }
+            let fast = m.domain().stats().fast_path_mmio;
+            assert_eq!(fast > 0, width < 52, "width {width}");
+            check(&m);
+        }
+    }
+    for width in [31u8, 53, 0, 255] {
+        let config = DomainConfig {
+            host_maxphyaddr: width,
+            ..hvm(PagingLevels::Four, 1, 128)
+        };
+        assert!(
+            ShadowMachine::new(MACHINE_FRAMES, config).is_err(),
+            "width {width}"
+        );
+    }
+}

@@ -422,7 +422,7 @@ fn audit_p2m<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
 /// nothing, and the fast path treats it as a miss (see `Domain::mmio_magic_stale`).
 fn stale_mmio_magic<H: MachineMemory>(d: &Domain<H>, e: u64) -> bool {
     matches!(
-        crate::domain::entries::decode_magic(e),
+        d.decode_magic(e),
         Some(crate::domain::entries::Magic::Mmio(gfn, _)) if d.mmio_magic_stale(crate::addr::Gfn::new(gfn))
     )
 }

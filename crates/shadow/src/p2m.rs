@@ -649,23 +649,39 @@ impl P2m {
             }
             (Reach::Missing { .. }, None) => Ok(None),
             (Reach::Missing { table, level }, Some(e)) => {
-                self.build_path(mem, g, table, level, e)?;
+                self.build_path(mem, g, table, level, Some(e))?;
                 self.mapped += 1;
                 Ok(None)
             }
         }
     }
 
-    /// Creates the tables below `table` (at `level`) down to a leaf table holding `e` for
-    /// `gfn`, and links them in with a single write, last. On error nothing is linked and
-    /// every new frame is given back.
+    /// Makes sure the tables down to `gfn`'s leaf exist (allocating missing ones from the
+    /// host, linked with an empty leaf), so that a later [`P2m::set_entry`] of `gfn` needs no
+    /// host memory. No mapping changes. On error nothing is linked.
+    pub fn ensure_path<M: MachineMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gfn: Gfn,
+    ) -> Result<(), P2mError> {
+        self.live()?;
+        let g = self.check_gfn(gfn)?;
+        match self.reach(mem, g)? {
+            Reach::Leaf(_) => Ok(()),
+            Reach::Missing { table, level } => self.build_path(mem, g, table, level, None),
+        }
+    }
+
+    /// Creates the tables below `table` (at `level`) down to a leaf table holding `e` (or
+    /// nothing) for `gfn`, and links them in with a single write, last. On error nothing is
+    /// linked and every new frame is given back.
     fn build_path<M: MachineMemory + ?Sized>(
         &mut self,
         mem: &mut M,
         gfn: u64,
         table: Mfn,
         level: u8,
-        e: P2mEntry,
+        e: Option<P2mEntry>,
     ) -> Result<(), P2mError> {
         let f = self.format;
         // new[i] is the new table at level i + 1, for levels 1 .. level - 1.
@@ -693,7 +709,7 @@ impl P2m {
             mem.write_entry(
                 f.entry_addr(new[0], f.index(gfn, 1)),
                 f.entry_bytes,
-                Format::leaf_entry(e),
+                e.map_or(0, Format::leaf_entry),
             )?;
             for i in 1..count {
                 let lvl = i as u8 + 1;

@@ -105,7 +105,6 @@ fn issue10_forbidden_frames_are_refused_before_anything_changes() {
 /// did not re-protect it and later writes went unlogged. Must hold: after a failed
 /// `set_p2m`, every write made with log-dirty on is in the next clean's bitmap.
 #[test]
-#[ignore = "engine bug: fix in progress"]
 fn issue10_failed_set_p2m_keeps_log_dirty_exact() {
     for pair in [Pair::P0on2, Pair::P0on3, Pair::P0on4] {
         let mut x = Xsa::new(pair, 1, 128);

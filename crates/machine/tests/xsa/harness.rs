@@ -49,7 +49,8 @@ impl Xsa {
         Xsa::with_config(pair, hvm(pair.shadow(), vcpus, pool))
     }
 
-    /// A translated domain on `pair` with its own configuration.
+    /// A machine for `config` (an HVM domain on `pair`'s shadow mode) running a guest of
+    /// `pair`'s mode.
     pub fn with_config(pair: Pair, config: DomainConfig) -> Xsa {
         let m = machine(config, RAM);
         let since = Since::now(&m);

@@ -208,3 +208,55 @@ fn issue10_validate_of_a_wrapping_range_is_refused() {
     });
     assert!(matches!(r, Err(EngineError::BadArgument(_))), "{r:?}");
 }
+
+/// Issue 10, a long operation that restarted itself: `set_p2m` of a page table's gfn whose
+/// unshadow needs a scan of the upper shadows (the L1 is linked from many L2 entries) ran
+/// out of budget after its mapping scan had finished; the retry then scanned every L1
+/// shadow again before going on with the unshadow, so each call left the unshadow almost
+/// nothing. Must hold: the retries go on where the last call stopped (one mapping removal
+/// in all) and the operation ends within a few calls.
+#[test]
+fn issue10_a_preempted_set_p2m_does_not_scan_again() {
+    let config = shadow2::domain::DomainConfig {
+        call_work_budget: 1024,
+        reverse_map: false,
+        ..hvm(Pair::P4on4.shadow(), 1, 128)
+    };
+    let mut x = Xsa::with_config(Pair::P4on4, config);
+    let cr3 = x.space();
+    let shared = 0x40_0000u64;
+    x.map(cr3, shared, DATA_GFN, DATA);
+    let l1 = x.t.table_of(&mut x.m, cr3, shared, 1);
+    x.run(0, cr3);
+    // The same L1 behind the last 8 entries of four L2s (one per gigabyte).
+    let mut vas = Vec::new();
+    for gb in 0..4u64 {
+        for i in 504..512u64 {
+            let va = (gb << 30) | (i << 21);
+            let slot = x.slot(cr3, va, 2);
+            x.t.write(&mut x.m, slot, (l1 << 12) | crate::engine_support::TABLE);
+            vas.push(va);
+        }
+    }
+    x.step("L1 linked everywhere");
+    for &va in &vas {
+        x.read(0, va).unwrap();
+    }
+    let removals = x.domain().stats().mapping_removals;
+    let unhooks = x.domain().stats().unhook_by_scan;
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        assert!(calls <= 16, "set_p2m still preempted after {calls} calls");
+        match x.set_p2m(l1, None) {
+            Ok(()) => break,
+            Err(EngineError::Preempted) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(x.domain().stats().unhook_by_scan, unhooks + 1);
+    assert_eq!(x.domain().stats().mapping_removals, removals + 1);
+    for &va in &vas {
+        assert!(x.read(0, va).is_err());
+    }
+}

@@ -197,3 +197,37 @@ fn issue10_pdpte_naming_a_frame_the_host_populates_later() {
         assert_eq!(x.read(0, z).unwrap(), 0, "{pair:?}");
     }
 }
+
+/// Issue 10: a PAE guest loads CR3 while PDPTE 1 names an L2 at a gfn that is not RAM (the
+/// host has not populated it yet; the CPU loads the register all the same), touches Y in
+/// that gigabyte, then the host populates the gfn. The engine failed the domain at the
+/// next fault: the guest's walk now succeeded below a top it had never shadowed. Must
+/// hold: Y faults while the gfn is empty and is reached once it is RAM, without a CR3
+/// load in between.
+#[test]
+fn issue10_pdpte_naming_a_gfn_the_host_populates_later() {
+    use shadow2::addr::Gfn;
+    use shadow2::p2m::P2mType;
+    for pair in PAE_PAIRS {
+        let mut x = Xsa::new(pair, 1, 128);
+        let cr3 = x.space();
+        x.map(cr3, X, DATA_GFN, DATA);
+        x.map(cr3, Y, DATA_GFN + 1, DATA);
+        x.m.write_phys(Gpa::new((DATA_GFN + 1) << 12), &[0x5a])
+            .unwrap();
+        let l2 = x.t.table_of(&mut x.m, cr3, Y, 2);
+        let mfn = x.mfn(l2);
+        x.set_p2m(l2, None).unwrap();
+        x.run(0, cr3);
+        assert_eq!(x.read(0, X).unwrap(), 0, "{pair:?}");
+        let r = x.read(0, Y);
+        assert!(r.is_err(), "{pair:?}: {r:?}");
+        x.host("populate the L2's gfn", |d| {
+            d.set_p2m(Gfn::new(l2), Some((mfn, P2mType::Ram)))
+                .map(|f| ((), f))
+        })
+        .unwrap();
+        assert_eq!(x.read(0, Y).unwrap() & 0xff, 0x5a, "{pair:?}");
+        assert_eq!(x.read(0, X).unwrap(), 0, "{pair:?}");
+    }
+}

@@ -187,7 +187,6 @@ fn xsa_273_not_present_entries_name_no_machine_frame() {
 /// that is not RAM but whose number is a machine frame of the host, and touches it. Must
 /// hold: no marker's address bits below MAXPHYADDR name a machine frame.
 #[test]
-#[ignore = "engine bug: fix in progress"]
 fn xsa_273_mmio_marker_names_no_machine_frame() {
     for pair in [Pair::P3on3, Pair::P3on4, Pair::P4on4, Pair::P2on4] {
         let mut x = Xsa::new(pair, 1, 128);

@@ -43,8 +43,15 @@ pub struct DomainConfig {
     /// The paging features the guest sees. 1 GiB pages are hidden from shadowed guests.
     pub guest_features: CpuFeatures,
     /// Encode guest-not-present and MMIO entries with reserved bits so that those faults are
-    /// handled from the shadow entry alone (seed future optimisation 2).
+    /// handled from the shadow entry alone (seed future optimisation 2). Needs a host
+    /// MAXPHYADDR below 52 (a reserved address bit).
     pub fast_path: bool,
+    /// MAXPHYADDR of the host (32..=52): the hardware walking the shadows and the p2m
+    /// faults on machine addresses at or above it, so no machine frame given to the guest
+    /// may lie there. With the fast path, the upper half below it is where MMIO markers
+    /// point (so that a speculative load through one, L1TF, reaches no memory): no guest
+    /// RAM may lie there either, nor should the host give the pool frames from there.
+    pub host_maxphyaddr: u8,
     /// Keep a reverse map of shadow L1 entries (needs the `rmap` feature): removing write
     /// access or every mapping of a frame then visits exactly its entries.
     pub reverse_map: bool,
@@ -89,6 +96,7 @@ impl DomainConfig {
                 ..CpuFeatures::KVM_HOST
             },
             fast_path: true,
+            host_maxphyaddr: CpuFeatures::KVM_HOST.maxphyaddr,
             reverse_map: cfg!(feature = "rmap"),
             linear_maps: [None; 4],
             scan_budget: DomainConfig::DEFAULT_SCAN_BUDGET,

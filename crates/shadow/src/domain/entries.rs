@@ -9,49 +9,7 @@ use crate::host::MachineMemory;
 use crate::paging::{PagingLevels, bits};
 use crate::types::{ShadowKey, ShadowKind};
 
-/// Marks a shadow L1 entry that the hardware must fault on with RSVD set: bit 51 is
-/// reserved whenever MAXPHYADDR < 52 (fast path, seed future optimisation 2).
-pub(crate) const MAGIC: u64 = bits::P | (1 << 51);
-/// Magic type: the guest entry is not present.
-pub(crate) const MAGIC_NOT_PRESENT: u64 = 1 << 9;
-/// Magic type: MMIO; the guest frame number sits in bits 12..48.
-pub(crate) const MAGIC_MMIO: u64 = 2 << 9;
-const MAGIC_TYPE: u64 = 7 << 9;
-const MAGIC_GFN_MASK: u64 = 0x0000_ffff_ffff_f000;
-
-/// The guest leaf's own rights kept in an MMIO magic entry (at their usual positions), so
-/// that the fast path can check the access before calling it MMIO.
-pub(crate) const MAGIC_MMIO_RIGHTS: u64 = bits::RW | bits::US | bits::D | bits::NX;
-
-/// A decoded magic entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Magic {
-    NotPresent,
-    /// MMIO: the guest frame, and the guest leaf's RW/US/D/NX.
-    Mmio(u64, u64),
-}
-
-pub(crate) fn is_magic(entry: u64) -> bool {
-    entry & MAGIC == MAGIC
-}
-
-pub(crate) fn decode_magic(entry: u64) -> Option<Magic> {
-    if !is_magic(entry) {
-        return None;
-    }
-    match entry & MAGIC_TYPE {
-        MAGIC_NOT_PRESENT => Some(Magic::NotPresent),
-        MAGIC_MMIO => Some(Magic::Mmio(
-            (entry & MAGIC_GFN_MASK) >> 12,
-            entry & MAGIC_MMIO_RIGHTS,
-        )),
-        _ => None,
-    }
-}
-
-pub(crate) fn magic_mmio(gfn: u64, rights: u64) -> u64 {
-    MAGIC | MAGIC_MMIO | ((gfn << 12) & MAGIC_GFN_MASK) | (rights & MAGIC_MMIO_RIGHTS)
-}
+pub(crate) use super::marker::{MAGIC, MAGIC_NOT_PRESENT, Magic, is_magic};
 
 impl<H: MachineMemory> Domain<H> {
     /// Bytes per shadow entry.
@@ -65,7 +23,9 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Whether shadow L1 entries may carry magic (reserved-bit) encodings.
     pub(crate) fn fast_path_on(&self) -> bool {
-        self.config.fast_path && self.config.shadow_levels != PagingLevels::Two
+        self.config.fast_path
+            && self.config.shadow_levels != PagingLevels::Two
+            && super::marker::MmioLayout::new(self.config.host_maxphyaddr).is_some()
     }
 
     /// The frame a shadow entry points at, if it is present and not magic.
@@ -259,6 +219,55 @@ impl<H: MachineMemory> Domain<H> {
             self.reserve.blocks.push((block, order));
         }
         Ok(())
+    }
+
+    /// [`Domain::prealloc`] of the `orders` the reserve does not hold already (an operation
+    /// that set its blocks aside earlier, before it changed anything).
+    pub(crate) fn prealloc_missing(&mut self, orders: &[u8]) -> Result<(), EngineError> {
+        let mut held: alloc::vec::Vec<u8> = self.reserve.blocks.iter().map(|b| b.1).collect();
+        for &order in orders {
+            match held.iter().position(|&o| o == order) {
+                Some(i) => {
+                    held.swap_remove(i);
+                }
+                None => {
+                    let block = self.alloc_evicting(order)?;
+                    self.reserve.blocks.push((block, order));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets aside the pool blocks that rebuilding the roots of the vcpus running on a
+    /// top-level shadow of guest frame `mfn` may take (a new top for each, and an empty
+    /// root block for a vcpu without one), before an operation that unshadows `mfn`
+    /// changes anything: its rebuild then cannot fail for want of a page.
+    pub(crate) fn prealloc_root_rebuilds(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        let shadow = self.config.shadow_levels;
+        let mut orders = alloc::vec::Vec::new();
+        for vcpu in &self.vcpus {
+            let Some(guest) = vcpu.pair.map(|p| p.guest()) else {
+                continue;
+            };
+            let hashed_top = if guest == PagingLevels::Three {
+                2
+            } else {
+                guest.count()
+            };
+            let Some(kind) = ShadowKind::for_guest(guest, hashed_top) else {
+                continue;
+            };
+            let on_frame = vcpu
+                .tops()
+                .filter(|&t| self.store.info(t).is_some_and(|i| i.key.frame == mfn.raw()))
+                .count();
+            orders.extend(core::iter::repeat_n(kind.order(shadow), on_frame));
+            if on_frame > 0 && vcpu.vcpu_top.is_none() {
+                orders.push(ShadowKind::VcpuTop.order(shadow));
+            }
+        }
+        self.prealloc(&orders)
     }
 
     /// Gives unused reserved blocks back to the pool.

@@ -204,37 +204,86 @@ impl<H: MachineMemory> Domain<H> {
         Ok(())
     }
 
+    /// Whether machine frame `mfn` may be given to the guest as memory of type `ty`: below
+    /// the host's MAXPHYADDR (the hardware faults on anything beyond), and RAM neither a
+    /// hypervisor-side frame nor where MMIO markers point (see [`super::marker`]).
+    fn check_guest_frame(&self, mfn: Mfn, ty: P2mType) -> Result<(), EngineError> {
+        let width = u32::from(self.config.host_maxphyaddr).saturating_sub(12);
+        if mfn.raw() >> width != 0 {
+            return Err(EngineError::BadArgument(
+                "machine frame beyond the host's MAXPHYADDR",
+            ));
+        }
+        if ty != P2mType::Ram {
+            return Ok(());
+        }
+        if self.forbidden(mfn) {
+            return Err(EngineError::ForbiddenFrame(mfn));
+        }
+        if self
+            .mmio_layout()
+            .is_some_and(|l| mfn.raw() >= l.first_marked_frame())
+        {
+            return Err(EngineError::BadArgument(
+                "RAM in the upper half of MAXPHYADDR, where MMIO markers point",
+            ));
+        }
+        Ok(())
+    }
+
     /// Changes the p2m entry of `gfn` (translated domains): maps it to a machine frame of
-    /// RAM or MMIO, or unmaps it. Every shadow mapping and every shadow of the old frame is
-    /// removed first.
+    /// RAM or MMIO, or unmaps it. Every argument is checked, and the p2m tables the entry
+    /// needs are made, before anything changes; then every shadow mapping and every shadow
+    /// of the old frame is removed (in bounded steps: [`EngineError::Preempted`] leaves the
+    /// p2m as it was), and the entry is written. Vcpus whose top-level table was the old
+    /// frame get a new root (an empty one, whose walks all fault, when the gfn is no longer
+    /// RAM).
     pub fn set_p2m(
         &mut self,
         gfn: Gfn,
         mapping: Option<(Mfn, P2mType)>,
     ) -> Result<Flush, EngineError> {
-        if let Some((mfn, P2mType::Ram)) = mapping
-            && self.forbidden(mfn)
-        {
-            return Err(EngineError::ForbiddenFrame(mfn));
-        }
         self.run(|d| {
-            let old = {
-                let p2m = d.p2m.as_ref().ok_or(EngineError::BadArgument(
-                    "a non-translated domain has no p2m",
-                ))?;
-                if gfn >= p2m.max_gfn() {
-                    return Err(EngineError::BadArgument("gfn beyond the p2m"));
+            let p2m = d.p2m.as_ref().ok_or(EngineError::BadArgument(
+                "a non-translated domain has no p2m",
+            ))?;
+            if gfn >= p2m.max_gfn() {
+                return Err(EngineError::BadArgument("gfn beyond the p2m"));
+            }
+            if let Some((mfn, ty)) = mapping {
+                if mfn >= p2m.max_mfn() {
+                    return Err(EngineError::BadArgument(
+                        "machine frame the p2m's format cannot hold",
+                    ));
                 }
-                p2m.lookup(&d.host, gfn)
-            };
+                d.check_guest_frame(mfn, ty)?;
+            }
+            let old = p2m.lookup(&d.host, gfn);
+            if let Some(p2m) = d.p2m.as_mut() {
+                p2m.ensure_path(&mut d.host, gfn)?;
+            }
             if let Some(P2mEntry {
                 mfn,
                 ty: P2mType::Ram,
                 ..
             }) = old
             {
+                d.prealloc_root_rebuilds(mfn)?;
                 d.remove_all_mappings(mfn)?;
                 d.unshadow(mfn)?;
+            }
+            let entry = mapping.map(|(mfn, ty)| P2mEntry::new(mfn, ty).with_writable(false));
+            if let Some(p2m) = d.p2m.as_mut() {
+                p2m.set_entry(&mut d.host, gfn, entry)?;
+            }
+            d.p2m_writable.remove(&gfn);
+            if let Some(P2mEntry {
+                mfn,
+                ty: P2mType::Ram,
+                ..
+            }) = old
+            {
+                d.end_mapping_removal(mfn);
                 if let Some(set) = d.m2p.get_mut(&mfn) {
                     set.remove(&gfn);
                     if set.is_empty() {
@@ -242,17 +291,11 @@ impl<H: MachineMemory> Domain<H> {
                     }
                 }
             }
-            d.p2m_writable.remove(&gfn);
-            let entry = mapping.map(|(mfn, ty)| P2mEntry::new(mfn, ty).with_writable(false));
-            if let Some(p2m) = d.p2m.as_mut() {
-                p2m.set_entry(&mut d.host, gfn, entry)?;
-            }
             if let Some((mfn, P2mType::Ram)) = mapping {
                 d.m2p.entry(mfn).or_default().insert(gfn);
             }
-            d.rebuild_roots()?;
             d.pending_flush = d.all_vcpus();
-            Ok(())
+            d.rebuild_roots()
         })
         .map(|((), f)| f)
     }
@@ -264,23 +307,33 @@ impl<H: MachineMemory> Domain<H> {
                 "a translated domain takes frames through its p2m",
             ));
         }
-        if self.forbidden(mfn) {
-            return Err(EngineError::ForbiddenFrame(mfn));
-        }
+        self.check_guest_frame(mfn, P2mType::Ram)?;
         self.owned.insert(mfn);
         Ok(())
     }
 
     /// Takes a machine frame away from a non-translated domain: every mapping and every
-    /// shadow of it goes first.
+    /// shadow of it goes first (in bounded steps, see [`Domain::set_p2m`]). Vcpus whose
+    /// top-level table it was get an empty root until it is given back.
     pub fn remove_frame(&mut self, mfn: Mfn) -> Result<Flush, EngineError> {
         self.run(|d| {
+            if d.p2m.is_some() {
+                return Err(EngineError::BadArgument(
+                    "a translated domain gives frames back through its p2m",
+                ));
+            }
+            if !d.owned.contains(&mfn) {
+                return Err(EngineError::BadArgument(
+                    "the domain does not own the frame",
+                ));
+            }
+            d.prealloc_root_rebuilds(mfn)?;
             d.remove_all_mappings(mfn)?;
             d.unshadow(mfn)?;
             d.owned.remove(&mfn);
-            d.rebuild_roots()?;
+            d.end_mapping_removal(mfn);
             d.pending_flush = d.all_vcpus();
-            Ok(())
+            d.rebuild_roots()
         })
         .map(|((), f)| f)
     }

@@ -11,6 +11,7 @@ mod emulate_ops;
 pub(crate) mod entries;
 pub(crate) mod guest_mem;
 mod limbo;
+pub(crate) mod marker;
 mod memory_ops;
 mod teardown;
 mod vcpu;
@@ -115,6 +116,9 @@ impl<H: MachineMemory> Domain<H> {
             return Err(EngineError::BadArgument(
                 "a reverse map needs the engine's rmap feature",
             ));
+        }
+        if !(32..=52).contains(&config.host_maxphyaddr) {
+            return Err(EngineError::BadArgument("host MAXPHYADDR must be 32..=52"));
         }
         if config.shadow_levels == PagingLevels::Zero {
             return Err(EngineError::BadArgument(

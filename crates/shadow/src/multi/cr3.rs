@@ -5,7 +5,7 @@
 use super::{Engine, Supported};
 use crate::addr::{Maddr, Mfn};
 use crate::domain::guest_mem::gfn_of;
-use crate::domain::{Domain, EngineError, GuestFault, RootLoad};
+use crate::domain::{Domain, EngineError, RootLoad};
 use crate::flush::VcpuSet;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
@@ -17,7 +17,7 @@ where
     (G, S): Supported,
 {
     /// Loads the vcpu's root for `load`. Everything that can fail without failing the domain
-    /// (a guest frame that is not RAM, the pool needing a flush first) fails before the vcpu
+    /// (the pool needing a flush first, a write-access scan to finish) fails before the vcpu
     /// changes; then, for a fresh load, its old tops are released.
     pub(super) fn update_cr3<H: MachineMemory>(
         d: &mut Domain<H>,
@@ -59,12 +59,17 @@ where
                 }
             }
         } else {
-            let gfn = gfn_of(G::root_table(ctl.cr3));
-            match d.guest_frame(gfn) {
-                Some((mfn, P2mType::Ram)) => frames[0] = Some(mfn),
-                _ => return Err(EngineError::Guest(GuestFault::GeneralProtection)),
+            // A top table outside RAM (the guest loaded such a CR3, which the CPU does not
+            // refuse, or the host took the table away under a running vcpu) reads as not
+            // present, as any unbacked guest table does: the root is empty and every walk
+            // faults until the gfn is RAM.
+            if let Some((mfn, P2mType::Ram)) = d.guest_frame(gfn_of(G::root_table(ctl.cr3))) {
+                frames[0] = Some(mfn);
             }
         }
+        // A root with no guest table behind it: the vcpu's own top block, every entry empty.
+        let empty_root = frames.iter().all(Option::is_none) && G::LEVELS != PagingLevels::Three;
+        let own_top = Self::NEEDS_VCPU_TOP || empty_root;
 
         let mut orders = alloc::vec::Vec::new();
         for (i, frame) in frames.iter().enumerate() {
@@ -78,13 +83,13 @@ where
                 orders.push(top_kind.order(S::LEVELS));
             }
         }
-        if Self::NEEDS_VCPU_TOP && d.vcpus[v].vcpu_top.is_none() {
+        if own_top && d.vcpus[v].vcpu_top.is_none() {
             orders.push(ShadowKind::VcpuTop.order(S::LEVELS));
         }
         for frame in frames.iter().flatten() {
             d.prepare_top_frame(*frame)?;
         }
-        d.prealloc(&orders)?;
+        d.prealloc_missing(&orders)?;
 
         if load.fresh {
             d.release_vcpu_tops(v)?;
@@ -114,7 +119,7 @@ where
             d.stats.cr3_cached += 1;
         }
 
-        if !Self::NEEDS_VCPU_TOP {
+        if !own_top {
             Self::drop_vcpu_top(d, v);
             d.vcpus[v].root = tops[0];
             return Ok(());
@@ -135,6 +140,11 @@ where
                 vt
             }
         };
+        if empty_root {
+            d.clear_shadow(vt)?;
+            d.vcpus[v].root = Some(vt);
+            return Ok(());
+        }
         let (table, pdpte) = if S::NUM_LEVELS == 4 {
             let l3 = Mfn::new(vt.raw() + 1);
             d.set_sentry(vt.base(), Self::top_sentry(l3, false))?;
@@ -153,6 +163,50 @@ where
         }
         d.vcpus[v].root = Some(vt);
         Ok(())
+    }
+
+    /// Whether the top-level shadow vcpu `v` needs for `va` is missing although the guest
+    /// table behind it is RAM now: the root was built while that table was not RAM (the host
+    /// took the frame away, or a PDPTE named a gfn the host populated later).
+    pub(super) fn top_is_back<H: MachineMemory>(
+        d: &Domain<H>,
+        v: usize,
+        va: crate::addr::Gva,
+    ) -> bool {
+        let Some(vcpu) = d.vcpus.get(v) else {
+            return false;
+        };
+        let index = if G::LEVELS == PagingLevels::Three {
+            ((va.raw() >> 30) & 3) as usize
+        } else {
+            0
+        };
+        if vcpu.tops.get(index).copied().flatten().is_some() {
+            return false;
+        }
+        let table = if G::LEVELS == PagingLevels::Three {
+            match vcpu.ctl.pdptes.get(index) {
+                Some(&pdpte) if pdpte & bits::P != 0 => pdpte & bits::ADDR_MASK_8,
+                _ => return false,
+            }
+        } else {
+            G::root_table(vcpu.ctl.cr3)
+        };
+        matches!(d.guest_frame(gfn_of(table)), Some((_, P2mType::Ram)))
+    }
+
+    /// Rebuilds vcpu `v`'s root from the registers it holds (not a CR3 load: a PAE guest's
+    /// PDPTEs are not re-read).
+    pub(super) fn reload_root<H: MachineMemory>(
+        d: &mut Domain<H>,
+        v: usize,
+    ) -> Result<(), EngineError> {
+        let load = RootLoad {
+            pdptes: d.vcpus[v].ctl.pdptes,
+            flavor: d.vcpus[v].flavor,
+            fresh: false,
+        };
+        Self::update_cr3(d, v, load)
     }
 
     /// The flavor of top-level shadow `index`: a PAE guest's L2 behind PDPTE 3 gets its own

@@ -4,7 +4,7 @@
 
 use super::{Engine, Supported};
 use crate::addr::{Gfn, Gpa, Maddr, Mfn};
-use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, magic_mmio};
+use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT};
 use crate::domain::guest_mem::{FrameCache, gfn_of};
 use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
@@ -149,11 +149,9 @@ where
 
     /// The entry for a guest frame that is not RAM, keeping the guest leaf's own rights.
     fn not_ram<H: MachineMemory>(d: &Domain<H>, gfn: Gfn, rights: u64) -> u64 {
-        if d.fast_path_on() {
-            magic_mmio(gfn.raw(), rights)
-        } else {
-            0
-        }
+        d.mmio_layout()
+            .and_then(|layout| layout.encode(gfn.raw(), rights))
+            .unwrap_or(0)
     }
 
     /// The shadow L1 entry for a 4 KiB guest entry.

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use super::{Engine, FaultOutcome, Supported};
 use crate::addr::{Gpa, Gva, Maddr, Mfn};
-use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic, decode_magic};
+use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic};
 use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
 use crate::domain::{Domain, EngineError, RefcountMode};
 use crate::host::MachineMemory;
@@ -181,6 +181,11 @@ where
             return Self::unpaged_fault(d, va, ec);
         }
         let va = if G::VA_BITS == 32 { va.low32() } else { va };
+        if Self::top_is_back(d, v, va) {
+            // The root was built without this guest table; the guest retries on a new one.
+            Self::reload_root(d, v)?;
+            return Ok(FaultOutcome::Spurious);
+        }
         let ctl = d.vcpus[v].ctl;
         let access = Self::access_of(ec);
         let guest_ec = PfErrorCode::for_access_in(access, &ctl, G::LEVELS);
@@ -521,7 +526,7 @@ where
         if last.level != 1 {
             return Ok(None);
         }
-        match decode_magic(last.value) {
+        match d.decode_magic(last.value) {
             Some(Magic::NotPresent) => {
                 d.stats.fast_path += 1;
                 d.stats.fast_path_not_present += 1;

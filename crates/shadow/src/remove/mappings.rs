@@ -23,6 +23,10 @@ use super::sweep::{SweepCursor, SweepEnd};
 pub(crate) struct MappingRemoval {
     mfn: Mfn,
     cursor: SweepCursor,
+    /// The scan is complete: the operation that asked for it goes on (an unshadow may
+    /// still be preempted), and its retry must not scan again. The frame stays blocked
+    /// until the operation ends ([`Domain::end_mapping_removal`]).
+    done: bool,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -54,12 +58,14 @@ impl<H: MachineMemory> Domain<H> {
     /// again). The writable count, which must be zero at the end, checks the scan.
     pub(crate) fn remove_all_mappings(&mut self, mfn: Mfn) -> Result<(), EngineError> {
         let mut removal = match self.remove.mappings {
+            Some(r) if r.mfn == mfn && r.done => return Ok(()),
             Some(r) if r.mfn == mfn => r,
             _ => {
                 self.stats.mapping_removals += 1;
                 MappingRemoval {
                     mfn,
                     cursor: SweepCursor::default(),
+                    done: false,
                 }
             }
         };
@@ -71,7 +77,10 @@ impl<H: MachineMemory> Domain<H> {
             if left {
                 return Err(EngineError::Preempted);
             }
-            self.remove.mappings = None;
+            self.remove.mappings = Some(MappingRemoval {
+                done: true,
+                ..removal
+            });
             return Ok(());
         }
         let end = self.sweep_shadows(
@@ -84,12 +93,21 @@ impl<H: MachineMemory> Domain<H> {
             self.remove.mappings = Some(removal);
             return Err(EngineError::Preempted);
         }
-        self.remove.mappings = None;
+        removal.done = true;
+        self.remove.mappings = Some(removal);
         self.remove.scan.forget(mfn);
         if self.store.frame(mfn).writable != 0 {
             return Err(EngineError::Internal("mappings left after a full scan"));
         }
         Ok(())
+    }
+
+    /// The operation that removed every mapping of `mfn` is complete: the frame may be
+    /// mapped again (through whatever now names it).
+    pub(crate) fn end_mapping_removal(&mut self, mfn: Mfn) {
+        if self.remove.mappings.is_some_and(|r| r.mfn == mfn) {
+            self.remove.mappings = None;
+        }
     }
 
     /// Rewrites every shadow L1 entry the reverse map records for `mfn` (where `pick`
