@@ -340,6 +340,26 @@ impl ShadowMachine {
         Err(EngineError::Internal("an engine call made no progress"))
     }
 
+    /// A host operation, called again while the engine answers `Preempted` (a bounded step
+    /// of it is done, or it needs the flush it handed out carried out first), with each
+    /// flush carried out; no guest trap is counted.
+    pub fn host_op<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Domain<SparseMemory>) -> Result<(T, Flush), EngineError>,
+    ) -> Result<T, EngineError> {
+        for _ in 0..MAX_PREEMPTIONS {
+            match self.call(&mut op) {
+                Err(EngineError::Preempted) => {}
+                Ok((value, flush)) => {
+                    self.settle(flush);
+                    return Ok(value);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Internal("a host operation made no progress"))
+    }
+
     /// INVLPG.
     pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<(), GuestError> {
         self.traps.invlpg += 1;

@@ -106,8 +106,8 @@ fn pool_resizes_down_and_up_mid_run() {
     assert_eq!(w.m.domain().stats().evictions, 0);
 
     // Down to the minimum: whole rounds keep working, with eviction.
-    let flush = w.m.domain_mut().set_pool_size(min).unwrap();
-    w.m.settle(flush);
+    w.m.host_op(|d| d.set_pool_size(min).map(|f| ((), f)))
+        .unwrap();
     check(&w.m);
     assert_eq!(w.m.domain().pool().total_pages(), min);
     assert!(w.m.domain().pool().used_pages() <= min);
@@ -115,8 +115,8 @@ fn pool_resizes_down_and_up_mid_run() {
     assert!(w.m.domain().stats().evictions > 0);
 
     // Up again: after one warm-up round everything stays cached.
-    let flush = w.m.domain_mut().set_pool_size(512).unwrap();
-    w.m.settle(flush);
+    w.m.host_op(|d| d.set_pool_size(512).map(|f| ((), f)))
+        .unwrap();
     check(&w.m);
     assert_eq!(w.m.domain().pool().total_pages(), 512);
     w.round();
@@ -194,8 +194,8 @@ fn pool_below_the_minimum_is_an_error_not_a_panic() {
         assert_eq!(m.domain().pool().total_pages(), total);
         assert_eq!(m.domain().failure(), None);
         // Exactly the minimum is fine.
-        let flush = m.domain_mut().set_pool_size(min).unwrap();
-        m.settle(flush);
+        m.host_op(|d| d.set_pool_size(min).map(|f| ((), f)))
+            .unwrap();
         assert_eq!(m.domain().pool().total_pages(), min);
         assert_eq!(read_u64(&mut m, 0, VA).unwrap(), 0);
         check(&m);

@@ -600,12 +600,9 @@ impl Churn {
 
     fn op_pool_resize(&mut self) -> Result<(), EngineError> {
         let target = self.min_pool + self.rng.below(3 * self.min_pool as u64) as usize;
-        let flush = self.m.domain_mut().set_pool_size(target);
-        match flush {
-            Ok(f) => {
-                self.m.settle(f);
-                Ok(())
-            }
+        let resized = self.m.host_op(|d| d.set_pool_size(target).map(|f| ((), f)));
+        match resized {
+            Ok(()) => Ok(()),
             Err(EngineError::BadArgument(_)) => Ok(()),
             Err(e) => {
                 self.report.problem(format!("pool resize failed: {e}"));
@@ -632,8 +629,7 @@ impl Churn {
     fn op_log_dirty(&mut self) -> Result<(), EngineError> {
         if !self.m.domain().log_dirty_enabled() {
             if self.rng.chance(40) {
-                let f = self.m.domain_mut().enable_log_dirty()?;
-                self.m.settle(f);
+                self.m.host_op(|d| d.enable_log_dirty().map(|f| ((), f)))?;
                 self.digests = Some(self.digest_ram());
                 self.guest.written.clear();
             }
@@ -644,8 +640,7 @@ impl Churn {
             self.digests = None;
             return Ok(());
         }
-        let (bitmap, f) = self.m.domain_mut().clean_dirty()?;
-        self.m.settle(f);
+        let bitmap = self.m.host_op(|d| d.clean_dirty())?;
         self.report.dirty_cleans += 1;
         let now = self.digest_ram();
         if let Some(before) = &self.digests {
@@ -690,11 +685,8 @@ impl Churn {
             let word = host.read_u64(shadow2::addr::Maddr::new(old.base().raw() + 8 * i))?;
             host.write_u64(shadow2::addr::Maddr::new(new.base().raw() + 8 * i), word)?;
         }
-        let f = self
-            .m
-            .domain_mut()
-            .set_p2m(gfn, Some((new, P2mType::Ram)))?;
-        self.m.settle(f);
+        self.m
+            .host_op(|d| d.set_p2m(gfn, Some((new, P2mType::Ram))).map(|f| ((), f)))?;
         self.m.domain_mut().host_mut().free_block(old, 0);
         Ok(())
     }

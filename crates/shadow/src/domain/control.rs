@@ -174,16 +174,15 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Turns log-dirty mode on: every shadow L1 entry and every writable p2m entry loses
     /// write access. The whole of it, step after step (the guest does not run in between).
+    /// Like every whole-operation helper here, it may answer `Preempted` when it needs the
+    /// host to carry out a flush first (take it with `take_flush`, then call again).
     pub fn enable_log_dirty(&mut self) -> Result<Flush, EngineError> {
-        let mut flush = Flush::NONE;
-        loop {
-            let budget = self.config.call_work_budget;
-            let (done, f) = self.enable_log_dirty_step(budget)?;
-            flush = flush.merge(f);
-            if done {
-                return Ok(flush);
-            }
-        }
+        let budget = self.config.call_work_budget;
+        self.steps_in_one_call(|d| {
+            d.enable_log_dirty_step(budget)
+                .map(|(done, f)| (done.then_some(()), f))
+        })
+        .map(|((), f)| f)
     }
 
     /// One bounded step of turning log-dirty mode on: removes write access from shadow L1
@@ -352,14 +351,12 @@ impl<H: MachineMemory> Domain<H> {
 
     /// A whole clean, step after step (the guest does not run in between).
     pub fn clean_dirty(&mut self) -> Result<(DirtyBitmap, Flush), EngineError> {
-        let mut flush = Flush::NONE;
-        loop {
-            let (progress, f) = self.clean_step(1024)?;
-            flush = flush.merge(f);
-            if let CleanProgress::Done(bitmap) = progress {
-                return Ok((bitmap, flush));
-            }
-        }
+        self.steps_in_one_call(|d| {
+            d.clean_step(1024).map(|(progress, f)| match progress {
+                CleanProgress::Done(bitmap) => (Some(bitmap), f),
+                CleanProgress::More => (None, f),
+            })
+        })
     }
 
     /// Removes write access from the leaf entry at `slot`, if it still is a writable leaf
@@ -408,6 +405,11 @@ impl<H: MachineMemory> Domain<H> {
         self.run(|d| {
             let progress = d.pool.resize_step(&mut d.host, pages, budget)?;
             if let ResizeProgress::NeedsEviction { .. } = progress {
+                if d.limbo.pages() > 0 {
+                    // Pages waiting for a flush hold chunks in use: the host carries the
+                    // flush out and calls again, and they are free then.
+                    return Err(EngineError::Preempted);
+                }
                 let mut freed = false;
                 for _ in 0..budget.max(1) {
                     if d.out_of_work() {
@@ -484,14 +486,49 @@ impl<H: MachineMemory> Domain<H> {
 
     /// A whole resize, step after step.
     pub fn set_pool_size(&mut self, pages: usize) -> Result<Flush, EngineError> {
+        self.steps_in_one_call(|d| {
+            d.set_pool_size_step(pages, 64)
+                .map(|(progress, f)| ((progress == ResizeProgress::Done).then_some(()), f))
+        })
+        .map(|((), f)| f)
+    }
+
+    /// Runs the bounded steps of a long operation one after the other, at most
+    /// `MAX_STEPS_IN_ONE_CALL` of them (each makes progress), as one call of the
+    /// host's: the host carries out no flush in between, so pages torn down by one step are
+    /// not reused by the next ([`Domain::run`] releases held pages only between host calls),
+    /// and the flushes of all the steps are handed out together at the end, or owed (see
+    /// [`Domain::take_flush`]) when a step fails. A step that needs the host's flush first
+    /// answers `Preempted`, which ends the operation here; the host calls again.
+    fn steps_in_one_call<T>(
+        &mut self,
+        mut step: impl FnMut(&mut Self) -> Result<(Option<T>, Flush), EngineError>,
+    ) -> Result<(T, Flush), EngineError> {
+        // The first step starts the host's call; the ones after it continue it.
+        let outer = self.in_one_call;
         let mut flush = Flush::NONE;
-        for _ in 0..1_000_000 {
-            let (progress, f) = self.set_pool_size_step(pages, 64)?;
-            flush = flush.merge(f);
-            if progress == ResizeProgress::Done {
-                return Ok(flush);
+        let mut steps = 0u32;
+        let result = loop {
+            steps += 1;
+            if steps > MAX_STEPS_IN_ONE_CALL {
+                break Err(EngineError::Internal("a long operation made no progress"));
             }
+            match step(self) {
+                Ok((Some(value), f)) => break Ok((value, flush.merge(f))),
+                Ok((None, f)) => flush = flush.merge(f),
+                Err(e) => break Err(e),
+            }
+            self.in_one_call = true;
+        };
+        self.in_one_call = outer;
+        if result.is_err() && !flush.is_empty() && self.failed.is_none() {
+            self.pending_flush = self.pending_flush.union(flush.into_vcpus());
+            self.flush_owed = true;
         }
-        Err(EngineError::Internal("pool resize made no progress"))
+        result
     }
 }
+
+/// The most steps a whole-operation helper runs: far more than the largest pool needs (a
+/// step gives back or protects at least one chunk's or one budget's worth).
+const MAX_STEPS_IN_ONE_CALL: u32 = 1 << 20;

@@ -84,6 +84,9 @@ pub struct Domain<H: MachineMemory> {
     /// Set while a shadow that no hardware can reach is torn down: the references it drops
     /// do not make its children hot.
     pub(crate) reaping_cold: bool,
+    /// Set while the steps of a long operation run one after the other inside one host
+    /// call (no flush is carried out between them).
+    pub(crate) in_one_call: bool,
     /// Vcpus whose hardware must reload CR3 (their root or its PDPTEs changed).
     pub(crate) pending_reload: VcpuSet,
     /// Vcpus whose top-level shadow was removed: their roots are rebuilt at the end of the
@@ -170,6 +173,7 @@ impl<H: MachineMemory> Domain<H> {
             limbo: limbo::Limbo::default(),
             hot: BTreeSet::new(),
             reaping_cold: false,
+            in_one_call: false,
             pending_reload: VcpuSet::NONE,
             needs_root: VcpuSet::NONE,
             failed: None,
@@ -328,12 +332,15 @@ impl<H: MachineMemory> Domain<H> {
         if self.flush_owed {
             return Err(EngineError::FlushOwed);
         }
-        // The host carried out every flush it was handed before calling again.
-        if let Err(e) = self.limbo.release(&mut self.pool) {
-            self.failed = Some(EngineError::Pool(e));
-            return Err(EngineError::Pool(e));
+        // The host carried out every flush it was handed before calling again (but not
+        // between the steps of one of its calls).
+        if !self.in_one_call {
+            if let Err(e) = self.limbo.release(&mut self.pool) {
+                self.failed = Some(EngineError::Pool(e));
+                return Err(EngineError::Pool(e));
+            }
+            self.hot.clear();
         }
-        self.hot.clear();
         let result = op(self);
         self.release_reserve();
         let result = result.and_then(|value| {
