@@ -126,13 +126,15 @@ pub struct ExitCounts {
     pub guest_io: u64,
     /// Hardware CR3 reloads carried out for the engine's flushes and root changes.
     pub cr3_reloads: u64,
+    /// Flushes of every translation KVM caches, carried out for the engine's flushes.
+    pub tlb_flushes: u64,
 }
 
 impl fmt::Display for ExitCounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} exits: #PF fixed {}, spurious {}, propagated {}, emulated {}, mmio {}; other exceptions {}; guest I/O {}; CR3 reloads {}",
+            "{} exits: #PF fixed {}, spurious {}, propagated {}, emulated {}, mmio {}; other exceptions {}; guest I/O {}; CR3 reloads {}, TLB flushes {}",
             self.total,
             self.pf_fixed,
             self.pf_spurious,
@@ -141,7 +143,8 @@ impl fmt::Display for ExitCounts {
             self.pf_mmio,
             self.other_exceptions,
             self.guest_io,
-            self.cr3_reloads
+            self.cr3_reloads,
+            self.tlb_flushes
         )
     }
 }

@@ -2,7 +2,7 @@
 //! the guest's CPL3 code on the engine's shadow roots. Exceptions come back through the
 //! hypervisor area's stubs; page faults go to the engine, whose answer is carried out
 //! (retry, emulate and skip, or hand the fault to the caller), and every flush the engine
-//! hands out is carried out (a CR3 reload) before the vcpu runs again.
+//! hands out is carried out (see [`KvmMachine::settle`]) before the vcpu runs again.
 
 use std::time::Duration;
 
@@ -35,7 +35,8 @@ const RUN_DEADLINE: Duration = Duration::from_secs(20);
 pub struct KvmMachine {
     domain: Domain<KvmMemory>,
     _kvm: Kvm,
-    _vm: VmFd,
+    vm: VmFd,
+    region: kvm_userspace_memory_region,
     vcpu: VcpuFd,
     hyper: HyperArea,
     exits: ExitCounts,
@@ -91,7 +92,8 @@ impl KvmMachine {
         Ok(KvmMachine {
             domain,
             _kvm: kvm,
-            _vm: vm,
+            vm,
+            region,
             vcpu,
             hyper,
             exits: ExitCounts::default(),
@@ -183,8 +185,13 @@ impl KvmMachine {
         Ok(())
     }
 
-    /// Carries out a flush the engine handed out, and root changes: the hardware's CR3 is
-    /// reloaded (with KVM_SET_SREGS, which also drops the vcpu's TLB) before it runs again.
+    /// Carries out a flush the engine handed out, and root changes, before the vcpu runs
+    /// again. A flush drops every translation KVM caches: on a shadow-MMU KVM (PVM here)
+    /// KVM keeps its own shadows of the engine's shadows, write-protected against the
+    /// guest but blind to this process's writes, and neither a CR3 reload nor a CR4
+    /// change through KVM_SET_SREGS resyncs them (measured: a zapped writable entry stays
+    /// usable). Deleting the memory slot and adding it back zaps all of them. Then the
+    /// hardware's CR3 is loaded with the engine's root.
     pub fn settle(&mut self, flush: Flush) -> Result<(), KvmError> {
         let flushed = flush.into_vcpus();
         let reloads = self.domain.take_reloads();
@@ -195,6 +202,16 @@ impl KvmMachine {
             // No root yet (the guest has not started) or none to run on.
             return Ok(());
         };
+        if flushed.contains(0) {
+            let mut gone = self.region;
+            gone.memory_size = 0;
+            // SAFETY: deleting the slot and adding back the same mapping (see `new`).
+            unsafe {
+                self.vm.set_user_memory_region(gone)?;
+                self.vm.set_user_memory_region(self.region)?;
+            }
+            self.exits.tlb_flushes += 1;
+        }
         let mut s = self.vcpu.get_sregs()?;
         apply_paging(&mut s, &hw);
         self.vcpu.set_sregs(&s)?;
