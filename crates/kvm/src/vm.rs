@@ -292,7 +292,14 @@ impl KvmMachine {
         }
         let cr2 = self.vcpu.get_sregs()?.cr2;
         let code = PfErrorCode(frame.error_code as u32);
-        let (outcome, flush) = self.engine(|d| d.page_fault(0, Gva::new(cr2), code))?;
+        let (outcome, flush) = match self.engine(|d| d.page_fault(0, Gva::new(cr2), code)) {
+            // Out of budget (a bounded search goes on): the guest retries the access.
+            Err(KvmError::Engine(EngineError::Preempted)) => {
+                self.exits.pf_spurious += 1;
+                return Ok(None);
+            }
+            other => other?,
+        };
         self.settle(flush)?;
         if self.faults.len() < FAULT_LOG {
             self.faults.push((cr2, outcome));
@@ -351,7 +358,11 @@ impl KvmMachine {
             cpl: frame.cpl(),
         };
         let before = r.gpr;
-        let (outcome, flush) = self.engine(|d| d.emulate(0, &mut r, gpa))?;
+        let (outcome, flush) = match self.engine(|d| d.emulate(0, &mut r, gpa)) {
+            // Out of budget: the instruction runs again, faults again and goes on.
+            Err(KvmError::Engine(EngineError::Preempted)) => return Ok(None),
+            other => other?,
+        };
         self.settle(flush)?;
         match outcome {
             EmulateOutcome::Done(_) => {}
@@ -434,8 +445,30 @@ impl KvmMachine {
             Err(e) => {
                 let flush = self.domain.take_flush();
                 self.settle(flush)?;
+                self.restore_roots()?;
                 Err(e.into())
             }
+        }
+    }
+
+    /// Gives the vcpu a root again when a failed call took its top away (it must not run
+    /// without one), carrying out the flushes that asks for.
+    fn restore_roots(&mut self) -> Result<(), KvmError> {
+        const ROUNDS: usize = 8;
+        for _ in 0..ROUNDS {
+            if self.domain.rootless().is_empty() || self.domain.failure().is_some() {
+                return Ok(());
+            }
+            let flush = match self.domain.load_roots() {
+                Ok(flush) => flush,
+                Err(_) => self.domain.take_flush(),
+            };
+            self.settle(flush)?;
+        }
+        if self.domain.rootless().is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::Internal("the vcpu has no shadow root to run on").into())
         }
     }
 

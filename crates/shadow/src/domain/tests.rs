@@ -274,4 +274,16 @@ fn host_hole_entry_is_in_every_four_level_top_and_survives_guest_writes() {
     assert_eq!(d.host().read_entry(slot_of(root), 8).unwrap(), hole);
     clean(&d);
     assert!(d.set_hypervisor_l3(l3).is_err(), "set after shadows exist");
+
+    // The auditor sees a top that lost the entry.
+    d.host_mut().write_entry(slot_of(root), 8, 0).unwrap();
+    let report = audit(&d);
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.what.contains("hypervisor hole entry")),
+        "{:?}",
+        report.violations
+    );
 }
