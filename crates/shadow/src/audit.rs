@@ -135,6 +135,15 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
             .kind
             .guest_levels()
             .and_then(|g| Pair::new(g, d.config.shadow_levels));
+        if let Some(slot) = d.hole_slot(head, key.kind)
+            && !dying
+            && !d.read_sentry(slot).is_ok_and(|e| d.is_hole_entry(e))
+        {
+            r.fail(
+                "top-level shadow without the hypervisor hole entry",
+                slot.raw(),
+            );
+        }
         let mut offset = 0;
         while offset < PAGE_SIZE << info.order {
             let slot = Maddr::new(head.base().raw() + offset);
@@ -148,6 +157,12 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                 continue;
             }
             r.entries_checked += 1;
+            if d.is_hole_entry(e) {
+                if d.hole_slot(head, key.kind) != Some(slot) {
+                    r.fail("hypervisor hole entry outside the hole slot", slot.raw());
+                }
+                continue;
+            }
             let frame = d.sentry_frame(e);
             if key.kind.is_leaf_table() {
                 #[cfg(feature = "rmap")]

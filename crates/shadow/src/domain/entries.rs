@@ -30,7 +30,7 @@ impl<H: MachineMemory> Domain<H> {
 
     /// The frame a shadow entry points at, if it is present and not magic.
     pub(crate) fn sentry_frame(&self, entry: u64) -> Option<Mfn> {
-        if entry & bits::P == 0 || is_magic(entry) {
+        if entry & bits::P == 0 || is_magic(entry) || self.is_hole_entry(entry) {
             return None;
         }
         let mask = if self.sentry_bytes() == 4 {
@@ -145,6 +145,7 @@ impl<H: MachineMemory> Domain<H> {
         let first_of_frame = !key.kind.is_fl1()
             && key.kind != ShadowKind::VcpuTop
             && !self.store.is_page_table(frame);
+        self.install_hole(head, key.kind)?;
         self.store.insert(key, head, order);
         self.stats.shadows_created += 1;
         if first_of_frame {
@@ -384,7 +385,8 @@ impl<H: MachineMemory> Domain<H> {
         while offset < PAGE_SIZE << order {
             let slot = Maddr::new(head.base().raw() + offset);
             self.stats.add_work(1);
-            if self.host.read_entry(slot, width)? != 0 {
+            let entry = self.host.read_entry(slot, width)?;
+            if entry != 0 && !self.is_hole_entry(entry) {
                 self.set_sentry(slot, 0)?;
             }
             offset += width;

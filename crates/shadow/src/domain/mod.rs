@@ -10,6 +10,7 @@ mod control;
 mod emulate_ops;
 pub(crate) mod entries;
 pub(crate) mod guest_mem;
+mod hole;
 mod limbo;
 pub(crate) mod marker;
 mod memory_ops;
@@ -106,6 +107,9 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) rmap: Option<crate::rmap::ReverseMap>,
     /// The teardown under way (the domain accepts no other operation).
     pub(crate) teardown: Option<teardown::Teardown>,
+    /// The host's L4 entry for the hypervisor hole of every 4-level top (0: none), see
+    /// [`Domain::set_hypervisor_l3`].
+    pub(crate) hole_entry: u64,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -183,6 +187,7 @@ impl<H: MachineMemory> Domain<H> {
             #[cfg(feature = "rmap")]
             rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
             teardown: None,
+            hole_entry: 0,
         })
     }
 

@@ -215,3 +215,75 @@ fn every_pair_fills_a_simple_mapping() {
         clean(&d);
     }
 }
+
+#[test]
+fn host_hole_entry_is_in_every_four_level_top_and_survives_guest_writes() {
+    let config = DomainConfig {
+        external: false,
+        ..DomainConfig::hvm(PagingLevels::Four, 2, 64)
+    };
+    let mut d = Domain::new(TestMemory::new(4096), config).unwrap();
+    for g in 0..RAM_FRAMES {
+        let m = d.host_mut().alloc_block(0).unwrap();
+        let _ = d.set_p2m(Gfn::new(g), Some((m, P2mType::Ram))).unwrap();
+    }
+    let l3 = d.host_mut().alloc_block(0).unwrap();
+    assert!(
+        d.set_hypervisor_l3(l3).is_err(),
+        "undeclared frame accepted"
+    );
+    d.add_hypervisor_frame(l3).unwrap();
+    d.set_hypervisor_l3(l3).unwrap();
+    let hole = d.hypervisor_l4e();
+    assert_eq!(hole & bits::ADDR_MASK_8, l3.base().raw());
+    assert_eq!(hole & bits::US, 0, "the hole must be supervisor-only");
+    let slot_of = |root: u64| Maddr::new(root + 510 * 8);
+
+    four_level_guest(&mut d);
+    let root = d.hardware_control(0).unwrap().cr3;
+    assert_eq!(d.host().read_entry(slot_of(root), 8).unwrap(), hole);
+    access(&mut d, 0, 0x40_0000, USER_WRITE).unwrap();
+    clean(&d);
+
+    // The guest points its own L4 entry 510 at a table: the shadow keeps the host's entry.
+    let table = bits::P | bits::RW | bits::US;
+    gwrite(&mut d, 0x1000 + 510 * 8, 0x2000 | table, 8);
+    assert_eq!(d.host().read_entry(slot_of(root), 8).unwrap(), hole);
+    let (outcome, _) = d
+        .page_fault(0, Gva::new(0xffff_ff00_0000_0000), PfErrorCode(0))
+        .unwrap();
+    assert!(matches!(outcome, FaultOutcome::Propagate(_)), "{outcome:?}");
+    clean(&d);
+
+    // A new top (CR3 switch) and a vcpu's own top (a 2-level guest on vcpu 1) get it too.
+    gwrite(&mut d, 0x5000, 0x2000 | table, 8);
+    let mut ctl = d.vcpu(0).unwrap().ctl;
+    ctl.cr3 = 0x5000;
+    d.set_control(0, ctl).unwrap();
+    let _ = d.update_cr3(0).unwrap();
+    let root = d.hardware_control(0).unwrap().cr3;
+    assert_eq!(d.host().read_entry(slot_of(root), 8).unwrap(), hole);
+    let two_level = ControlState {
+        cr0: cr::CR0_PE | cr::CR0_PG | cr::CR0_WP,
+        cr3: 0x6000,
+        ..ControlState::default()
+    };
+    d.set_control(1, two_level).unwrap();
+    let _ = d.update_paging_modes(1).unwrap();
+    let root = d.hardware_control(1).unwrap().cr3;
+    assert_eq!(d.host().read_entry(slot_of(root), 8).unwrap(), hole);
+    clean(&d);
+    assert!(d.set_hypervisor_l3(l3).is_err(), "set after shadows exist");
+
+    // The auditor sees a top that lost the entry.
+    d.host_mut().write_entry(slot_of(root), 8, 0).unwrap();
+    let report = audit(&d);
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.what.contains("hypervisor hole entry")),
+        "{:?}",
+        report.violations
+    );
+}

@@ -324,6 +324,8 @@ where
                     Self::check_representable(page)?;
                     Self::upper_sentry(gentry, page, superpage, flavor)
                 }
+                // The guest may not map the hole: the host's entry stays there.
+                _ if hole && S::NUM_LEVELS == 4 => d.hypervisor_l4e(),
                 _ => 0,
             };
             // Most links are already in place (a fault under existing shadows relinks
