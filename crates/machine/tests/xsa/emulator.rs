@@ -166,13 +166,7 @@ fn issue10_unhandled_instruction_on_the_running_top_makes_progress() {
         let mut x = Xsa::new(pair, 1, 128);
         let cr3 = x.space();
         x.map(cr3, X, DATA_GFN, DATA);
-        // The table the guest's walk starts from (for PAE, the L2 of the first gigabyte).
-        let top = if pair.guest() == PagingLevels::Three {
-            x.t.table_of(&mut x.m, cr3, X, 2)
-        } else {
-            cr3 >> 12
-        };
-        x.map(cr3, PT_VA, top, KDATA);
+        let top = x.map_walk_top(cr3, X, PT_VA);
         x.run(0, cr3);
         x.read(0, X).unwrap();
         x.m.write_phys(Gpa::new(CODE_GFN << 12), &[0xff, 0x07])
@@ -247,12 +241,7 @@ fn issue10_emulated_copy_from_non_ram_onto_the_running_top_is_mmio() {
         let mut x = Xsa::new(pair, 1, 128);
         let cr3 = x.space();
         x.map(cr3, X, DATA_GFN, DATA);
-        let top = if pair.guest() == PagingLevels::Three {
-            x.t.table_of(&mut x.m, cr3, X, 2)
-        } else {
-            cr3 >> 12
-        };
-        x.map(cr3, PT_VA, top, KDATA);
+        let top = x.map_walk_top(cr3, X, PT_VA);
         x.map(cr3, PT_VA + 0x1000, HOLE_GFN, KDATA);
         x.run(0, cr3);
         x.read(0, X).unwrap();

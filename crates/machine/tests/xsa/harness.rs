@@ -130,6 +130,18 @@ impl Xsa {
         self.t.map(&mut self.m, cr3, va, gfn, flags)
     }
 
+    /// Maps, at `window` in `cr3`, the table the guest's walk of `va` starts from (the
+    /// root, or for PAE the L2 its PDPTE names), as a kernel page; returns its frame.
+    pub fn map_walk_top(&mut self, cr3: u64, va: u64, window: u64) -> u64 {
+        let top = if self.pair.guest() == PagingLevels::Three {
+            self.t.table_of(&mut self.m, cr3, va, 2)
+        } else {
+            cr3 >> 12
+        };
+        self.map(cr3, window, top, KDATA);
+        top
+    }
+
     /// Turns the guest's paging mode on vcpu `v` on with `cr3` (or reloads the mode).
     #[track_caller]
     pub fn run(&mut self, v: usize, cr3: u64) {

@@ -5,7 +5,6 @@
 use shadow2::addr::Gpa;
 use shadow2::domain::{EmulateOutcome, EngineError};
 use shadow2::emulate::Regs;
-use shadow2::paging::PagingLevels;
 
 use crate::engine_support::{DATA, PAGING_PAIRS};
 use crate::harness::{CODE_GFN, CODE_VA, DATA_GFN, KDATA, Xsa};
@@ -25,12 +24,7 @@ fn issue10_an_unemulatable_instruction_repeated_on_the_running_top_fails_the_dom
         let mut x = Xsa::new(pair, 1, 128);
         let cr3 = x.space();
         x.map(cr3, X, DATA_GFN, DATA);
-        let top = if pair.guest() == PagingLevels::Three {
-            x.t.table_of(&mut x.m, cr3, X, 2)
-        } else {
-            cr3 >> 12
-        };
-        x.map(cr3, PT_VA, top, KDATA);
+        let top = x.map_walk_top(cr3, X, PT_VA);
         x.run(0, cr3);
         x.read(0, X).unwrap();
         x.m.write_phys(Gpa::new(CODE_GFN << 12), &[0xff, 0x07])
