@@ -329,11 +329,22 @@ impl ShadowMachine {
     /// a bounded search to go on, first; it keeps its progress between calls).
     fn retrying<T>(
         &mut self,
+        op: impl FnMut(&mut Domain<SparseMemory>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        self.until_not_preempted(true, op)
+    }
+
+    /// Calls `op` again while it answers `Preempted` (each failed call's flush carried
+    /// out by `call`), counting a spurious trap each time when the guest re-executes.
+    fn until_not_preempted<T>(
+        &mut self,
+        guest_retries: bool,
         mut op: impl FnMut(&mut Domain<SparseMemory>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         for _ in 0..MAX_PREEMPTIONS {
             match self.call(&mut op) {
-                Err(EngineError::Preempted) => self.traps.spurious += 1,
+                Err(EngineError::Preempted) if guest_retries => self.traps.spurious += 1,
+                Err(EngineError::Preempted) => {}
                 other => return other,
             }
         }
@@ -345,19 +356,11 @@ impl ShadowMachine {
     /// flush carried out; no guest trap is counted.
     pub fn host_op<T>(
         &mut self,
-        mut op: impl FnMut(&mut Domain<SparseMemory>) -> Result<(T, Flush), EngineError>,
+        op: impl FnMut(&mut Domain<SparseMemory>) -> Result<(T, Flush), EngineError>,
     ) -> Result<T, EngineError> {
-        for _ in 0..MAX_PREEMPTIONS {
-            match self.call(&mut op) {
-                Err(EngineError::Preempted) => {}
-                Ok((value, flush)) => {
-                    self.settle(flush);
-                    return Ok(value);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(EngineError::Internal("a host operation made no progress"))
+        let (value, flush) = self.until_not_preempted(false, op)?;
+        self.settle(flush);
+        Ok(value)
     }
 
     /// INVLPG.
