@@ -122,25 +122,59 @@ pub struct ExitCounts {
     pub pf_mmio: u64,
     /// Other exceptions through the stubs.
     pub other_exceptions: u64,
-    /// Writes to the guest's report port.
+    /// Writes to the guest's report port (the executor's end of an operation).
     pub guest_io: u64,
+    /// The executor's privileged instructions (MOV CR0, MOV CR3, INVLPG) trapping with #GP.
+    pub privileged: u64,
+    /// Single-step traps (#DB) after an executed guest instruction.
+    pub single_steps: u64,
+    /// Instruction fetches that reached their page (the HLT the VMM put there trapped).
+    pub fetches: u64,
     /// Hardware CR3 reloads carried out for the engine's flushes and root changes.
     pub cr3_reloads: u64,
     /// Flushes of every translation KVM caches, carried out for the engine's flushes.
     pub tlb_flushes: u64,
+    /// `KVM_RUN` calls with `immediate_exit` that complete an I/O exit before the VMM sets
+    /// registers (no guest instruction runs; not in `total`).
+    pub io_completions: u64,
+}
+
+impl ExitCounts {
+    /// Every count by kind, named as `--json` prints them (`total` first).
+    pub fn by_kind(&self) -> [(&'static str, u64); 14] {
+        [
+            ("total", self.total),
+            ("pf_fixed", self.pf_fixed),
+            ("pf_spurious", self.pf_spurious),
+            ("pf_propagated", self.pf_propagated),
+            ("pf_emulated", self.pf_emulated),
+            ("pf_mmio", self.pf_mmio),
+            ("privileged", self.privileged),
+            ("single_steps", self.single_steps),
+            ("fetches", self.fetches),
+            ("other_exceptions", self.other_exceptions),
+            ("guest_io", self.guest_io),
+            ("cr3_reloads", self.cr3_reloads),
+            ("tlb_flushes", self.tlb_flushes),
+            ("io_completions", self.io_completions),
+        ]
+    }
 }
 
 impl fmt::Display for ExitCounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} exits: #PF fixed {}, spurious {}, propagated {}, emulated {}, mmio {}; other exceptions {}; guest I/O {}; CR3 reloads {}, TLB flushes {}",
+            "{} exits: #PF fixed {}, spurious {}, propagated {}, emulated {}, mmio {}; privileged {}, single steps {}, fetches {}, other exceptions {}; guest I/O {}; CR3 reloads {}, TLB flushes {}",
             self.total,
             self.pf_fixed,
             self.pf_spurious,
             self.pf_propagated,
             self.pf_emulated,
             self.pf_mmio,
+            self.privileged,
+            self.single_steps,
+            self.fetches,
             self.other_exceptions,
             self.guest_io,
             self.cr3_reloads,

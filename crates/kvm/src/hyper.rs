@@ -1,8 +1,10 @@
 //! The hypervisor area: descriptor tables, the TSS with its I/O bitmap, the ring-0 trap
 //! stubs, a mailbox and the ring-0 stacks, mapped by the host's own L3 that the engine links
 //! into the hypervisor hole of every shadow top (never PML4 slot 256, which PVM refuses at
-//! CPL3). Supervisor-only; read-only except the stacks and the mailbox; no descriptor has
-//! to be written by the CPU (accessed bits preset, busy TSS), so all of them stay read-only.
+//! CPL3). Read-only except the stacks and the mailboxes; supervisor-only except the user
+//! copy of the executor (read-only) and the user mailbox, which guest operations at CPL3
+//! need; no descriptor has to be written by the CPU (accessed bits preset, busy TSS), so all
+//! of them stay read-only.
 
 use iced_x86::BlockEncoderOptions;
 use iced_x86::code_asm::{CodeAssembler, al, rsp};
@@ -10,6 +12,7 @@ use shadow2::paging::bits;
 use shadow2::{MachineMemory, Mfn};
 
 use crate::KvmError;
+use crate::executor::Executor;
 use crate::memory::KvmMemory;
 
 /// First address of the hole (L4 slot 510, the engine's internal-mode reservation).
@@ -32,6 +35,12 @@ pub const RSP0: u64 = STACK_VA + 0x2000;
 pub const DF_STACK_VA: u64 = HOLE_BASE + 0xc000;
 /// TSS.IST1.
 pub const IST1: u64 = DF_STACK_VA + 0x1000;
+/// The executor run at CPL1 (supervisor page).
+pub const EXEC_KERNEL_VA: u64 = HOLE_BASE + 0xe000;
+/// The executor run at CPL3 (user page).
+pub const EXEC_USER_VA: u64 = HOLE_BASE + 0xf000;
+/// The data buffer of operations at CPL3 (user page; the kernel one is the mailbox).
+pub const USER_MAILBOX_VA: u64 = HOLE_BASE + 0x10000;
 
 /// Ring-0 code (64-bit).
 pub const KERNEL_CS: u16 = 0x08;
@@ -49,6 +58,10 @@ pub const USER_CS: u16 = 0x30 | 3;
 pub const RING1_CS32: u16 = 0x38 | 1;
 /// The TSS.
 pub const TSS_SEL: u16 = 0x40;
+/// Ring-3 code (32-bit, compatibility mode).
+pub const USER_CS32: u16 = 0x50 | 3;
+/// The GDT's limit.
+pub const GDT_LIMIT: u16 = 0x57;
 
 /// The port a guest reports to (the only one its I/O bitmap opens: 4 ports from here).
 pub const GUEST_PORT: u16 = 0x10;
@@ -73,10 +86,15 @@ fn pushes_error_code(vector: u8) -> bool {
 pub struct HyperArea {
     /// The L3 table the engine links into the hole.
     pub l3: Mfn,
+    /// The executor's layout (its copies at [`EXEC_KERNEL_VA`] and [`EXEC_USER_VA`]).
+    pub executor: Executor,
     frames: Vec<Mfn>,
     stack: Mfn,
     df_stack: Mfn,
     mailbox: Mfn,
+    user_mailbox: Mfn,
+    exec_kernel: Mfn,
+    exec_user: Mfn,
 }
 
 struct Builder<'a> {
@@ -110,8 +128,12 @@ impl HyperArea {
         let mailbox = b.alloc(0)?;
         let stack = b.alloc(1)?;
         let df_stack = b.alloc(0)?;
+        let exec_kernel = b.alloc(0)?;
+        let exec_user = b.alloc(0)?;
+        let user_mailbox = b.alloc(0)?;
 
-        let upper = bits::P | bits::RW | bits::A;
+        // User at the upper levels: each leaf decides (all supervisor but three).
+        let upper = bits::P | bits::RW | bits::US | bits::A;
         write_u64(b.mem, l3.base().raw(), l2.base().raw() | upper)?;
         write_u64(b.mem, l2.base().raw(), l1.base().raw() | upper)?;
         let read_only = bits::P | bits::A | bits::NX;
@@ -122,6 +144,9 @@ impl HyperArea {
             (STUBS_VA, stubs, bits::P | bits::A),
             (MAILBOX_VA, mailbox, writable),
             (DF_STACK_VA, df_stack, writable),
+            (EXEC_KERNEL_VA, exec_kernel, bits::P | bits::A),
+            (EXEC_USER_VA, exec_user, bits::P | bits::US | bits::A),
+            (USER_MAILBOX_VA, user_mailbox, writable | bits::US),
         ];
         for i in 0..4 {
             pages.push((TSS_VA + i * 4096, Mfn::new(tss.raw() + i), read_only));
@@ -138,19 +163,44 @@ impl HyperArea {
         let stub_ips = write_stubs(b.mem, stubs)?;
         write_idt(b.mem, idt, &stub_ips)?;
         write_tss(b.mem, tss)?;
+        let (code, executor) = Executor::assemble()?;
+        for page in [exec_kernel, exec_user] {
+            b.mem
+                .write_bytes(page.base().raw(), &code)
+                .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
+        }
         let frames = b.frames;
         Ok(HyperArea {
             l3,
+            executor,
             frames,
             stack,
             df_stack,
             mailbox,
+            user_mailbox,
+            exec_kernel,
+            exec_user,
         })
     }
 
     /// Every frame of the area (declared to the engine as hypervisor frames).
     pub fn frames(&self) -> &[Mfn] {
         &self.frames
+    }
+
+    /// The frames of the executor's two copies: run at CPL1, run at CPL3.
+    pub fn executor_frames(&self) -> (Mfn, Mfn) {
+        (self.exec_kernel, self.exec_user)
+    }
+
+    /// The VM-physical address of the data buffer of operations at `cpl` (the mailbox at
+    /// CPL 0-2, the user mailbox at CPL3).
+    pub fn buffer_gpa(&self, cpl: u8) -> u64 {
+        if cpl == 3 {
+            self.user_mailbox.base().raw()
+        } else {
+            self.mailbox.base().raw()
+        }
     }
 
     /// The VM-physical address of a ring-0 stack or mailbox address, if it is one.
@@ -188,6 +238,7 @@ fn write_gdt(mem: &KvmMemory, gdt: Mfn) -> Result<(), KvmError> {
         (USER_DS, descriptor(3, false, false)),
         (USER_CS, descriptor(3, true, true)),
         (RING1_CS32, descriptor(1, true, false)),
+        (USER_CS32, descriptor(3, true, false)),
     ];
     for (selector, d) in entries {
         write_u64(mem, base + u64::from(selector & !7), d)?;

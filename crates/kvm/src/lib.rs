@@ -5,6 +5,8 @@
 //! vcpu on the engine's roots and carries page faults, emulations and flushes between the
 //! hardware and the engine; [`probe`] says what this host can run.
 
+pub mod backend;
+pub mod executor;
 pub mod exits;
 pub mod hyper;
 pub mod memory;
@@ -15,6 +17,7 @@ pub mod vm;
 #[allow(unsafe_code)]
 mod watchdog;
 
+pub use backend::{KvmBackend, KvmBackendConfig};
 pub use exits::{ExceptionFrame, ExitCounts, GuestExit};
 pub use memory::KvmMemory;
 pub use probe::{Probe, Unavailable};

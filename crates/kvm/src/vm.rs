@@ -30,17 +30,58 @@ const PAGE_FAULT: u8 = 14;
 /// Longest time one [`KvmMachine::run`] may take before the guest is stopped.
 const RUN_DEADLINE: Duration = Duration::from_secs(20);
 
-/// A VM with one vcpu running a 4-level guest on the engine's 4-level shadows.
+/// A VM whose vcpus run guests on the engine's 4-level shadows.
 #[derive(Debug)]
 pub struct KvmMachine {
     domain: Domain<KvmMemory>,
     _kvm: Kvm,
     vm: VmFd,
     region: kvm_userspace_memory_region,
-    vcpu: VcpuFd,
+    vcpus: Vec<VcpuFd>,
+    /// Vcpus whose last exit was an I/O exit KVM has not completed yet.
+    io_pending: Vec<bool>,
+    /// Vcpus that exited from a ring-0 stub (their segment registers are the stub's).
+    in_stub: Vec<bool>,
     hyper: HyperArea,
     exits: ExitCounts,
     faults: Vec<(u64, FaultOutcome)>,
+}
+
+/// How to build a [`KvmMachine`].
+#[derive(Clone, Debug)]
+pub struct KvmConfig {
+    /// VM memory in 4 KiB frames (guest RAM, the shadow pool, the p2m and the hypervisor
+    /// area all come from it).
+    pub frames: u64,
+    /// The shadow pool's size in pages.
+    pub pool_pages: usize,
+    /// Vcpus.
+    pub vcpus: usize,
+    /// The guest OS's linear maps, handed to the engine (at most 4).
+    pub linear_maps: Vec<shadow2::remove::LinearMapHint>,
+    /// The guest OS's teardown hints.
+    pub teardown: shadow2::remove::TeardownHints,
+}
+
+/// What one `KVM_RUN` ended with, before any handling.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RawExit {
+    /// `out` to `port` from the guest (not a stub).
+    Io {
+        /// The port.
+        port: u16,
+        /// The value.
+        value: u32,
+    },
+    /// Exception `vector` from CPL 1-3, its frame at `frame_gpa` on the ring-0 stack.
+    Exception {
+        /// The vector.
+        vector: u8,
+        /// The frame the CPU pushed.
+        frame: ExceptionFrame,
+        /// Where it is.
+        frame_gpa: u64,
+    },
 }
 
 /// Page faults kept in [`KvmMachine::fault_log`].
@@ -51,8 +92,28 @@ fn memory_error(e: impl std::fmt::Debug) -> KvmError {
 }
 
 impl KvmMachine {
-    /// A VM of `frames` 4 KiB frames whose domain has a pool of `pool_pages`.
+    /// A VM of `frames` 4 KiB frames with one vcpu, whose domain has a pool of
+    /// `pool_pages`.
     pub fn new(probe: &Probe, frames: u64, pool_pages: usize) -> Result<KvmMachine, KvmError> {
+        KvmMachine::with_config(
+            probe,
+            &KvmConfig {
+                frames,
+                pool_pages,
+                vcpus: 1,
+                linear_maps: Vec::new(),
+                teardown: shadow2::remove::TeardownHints::NONE,
+            },
+        )
+    }
+
+    /// A VM as `cfg` says.
+    pub fn with_config(probe: &Probe, cfg: &KvmConfig) -> Result<KvmMachine, KvmError> {
+        if cfg.linear_maps.len() > 4 {
+            return Err(EngineError::BadArgument("at most 4 linear-map hints").into());
+        }
+        let frames = cfg.frames;
+        let pool_pages = cfg.pool_pages;
         let mut mem = KvmMemory::new(frames).map_err(memory_error)?;
         let hyper = HyperArea::build(&mut mem)?;
         let host_addr = mem
@@ -62,9 +123,13 @@ impl KvmMachine {
         let mut config = DomainConfig {
             external: false,
             host_maxphyaddr: probe.maxphyaddr,
-            ..DomainConfig::hvm(PagingLevels::Four, 1, pool_pages)
+            ..DomainConfig::hvm(PagingLevels::Four, cfg.vcpus, pool_pages)
         };
         config.guest_features.maxphyaddr = probe.maxphyaddr;
+        for (slot, hint) in config.linear_maps.iter_mut().zip(&cfg.linear_maps) {
+            *slot = Some(*hint);
+        }
+        config.teardown = cfg.teardown;
         let mut domain = Domain::new(mem, config)?;
         for &frame in hyper.frames() {
             domain.add_hypervisor_frame(frame)?;
@@ -85,16 +150,22 @@ impl KvmMachine {
         // aliases it as Rust references (every access goes through vm-memory's volatile
         // copies).
         unsafe { vm.set_user_memory_region(region)? };
-        let vcpu = vm.create_vcpu(0)?;
         // The guest sees the host's MAXPHYADDR, so reserved-bit faults match the engine's.
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-        vcpu.set_cpuid2(&cpuid)?;
+        let mut vcpus = Vec::with_capacity(cfg.vcpus);
+        for id in 0..cfg.vcpus {
+            let vcpu = vm.create_vcpu(id as u64)?;
+            vcpu.set_cpuid2(&cpuid)?;
+            vcpus.push(vcpu);
+        }
         Ok(KvmMachine {
             domain,
             _kvm: kvm,
             vm,
             region,
-            vcpu,
+            io_pending: vec![false; vcpus.len()],
+            in_stub: vec![false; vcpus.len()],
+            vcpus,
             hyper,
             exits: ExitCounts::default(),
             faults: Vec::new(),
@@ -114,6 +185,23 @@ impl KvmMachine {
     /// VM exits so far.
     pub fn exits(&self) -> ExitCounts {
         self.exits
+    }
+
+    /// VM exits so far, mutably (the backend counts what it handles itself).
+    pub(crate) fn exits_mut(&mut self) -> &mut ExitCounts {
+        &mut self.exits
+    }
+
+    /// The hypervisor area.
+    pub fn hyper(&self) -> &HyperArea {
+        &self.hyper
+    }
+
+    /// Vcpu `v`.
+    pub(crate) fn vcpu(&self, v: usize) -> Result<&VcpuFd, KvmError> {
+        self.vcpus
+            .get(v)
+            .ok_or(KvmError::Engine(EngineError::BadArgument("no such vcpu")))
     }
 
     /// The first page faults the engine handled: CR2 and the engine's answer.
@@ -160,7 +248,8 @@ impl KvmMachine {
             .ok_or(EngineError::Internal("no root after a mode update"))?;
         let _ = flush.into_vcpus();
         let _ = self.domain.take_reloads();
-        let mut s = self.vcpu.get_sregs()?;
+        let vcpu = self.vcpu(0)?;
+        let mut s = vcpu.get_sregs()?;
         s.cs = sregs::flat(hyper::USER_CS, 3, true, true);
         s.ss = sregs::flat(hyper::USER_DS, 3, false, false);
         s.ds = s.ss;
@@ -170,18 +259,43 @@ impl KvmMachine {
         s.tr = sregs::tss(hyper::TSS_SEL, hyper::TSS_VA, hyper::TSS_LIMIT);
         s.ldt = sregs::no_ldt();
         s.gdt.base = hyper::GDT_VA;
-        s.gdt.limit = 0x4f;
+        s.gdt.limit = hyper::GDT_LIMIT;
         s.idt.base = hyper::IDT_VA;
         s.idt.limit = u16::from(hyper::VECTORS) * 16 - 1;
         apply_paging(&mut s, &hw);
-        self.vcpu.set_sregs(&s)?;
+        vcpu.set_sregs(&s)?;
         let regs = kvm_regs {
             rip,
             rsp,
             rflags: 0x2,
             ..kvm_regs::default()
         };
-        self.vcpu.set_regs(&regs)?;
+        vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// Sets vcpu `v`'s descriptor tables and its paging registers from the engine (its
+    /// root), for the backend's first run of it.
+    pub(crate) fn init_vcpu(&mut self, v: usize) -> Result<(), KvmError> {
+        let hw = self.domain.hardware_control(v);
+        let vcpu = self.vcpu(v)?;
+        let mut s = vcpu.get_sregs()?;
+        s.cs = sregs::flat(hyper::RING1_CS, 1, true, true);
+        s.ss = sregs::flat(hyper::RING1_DS, 1, false, false);
+        s.ds = s.ss;
+        s.es = s.ss;
+        s.fs = s.ss;
+        s.gs = s.ss;
+        s.tr = sregs::tss(hyper::TSS_SEL, hyper::TSS_VA, hyper::TSS_LIMIT);
+        s.ldt = sregs::no_ldt();
+        s.gdt.base = hyper::GDT_VA;
+        s.gdt.limit = hyper::GDT_LIMIT;
+        s.idt.base = hyper::IDT_VA;
+        s.idt.limit = u16::from(hyper::VECTORS) * 16 - 1;
+        if let Some(hw) = hw {
+            apply_paging(&mut s, &hw);
+        }
+        vcpu.set_sregs(&s)?;
         Ok(())
     }
 
@@ -195,93 +309,156 @@ impl KvmMachine {
     pub fn settle(&mut self, flush: Flush) -> Result<(), KvmError> {
         let flushed = flush.into_vcpus();
         let reloads = self.domain.take_reloads();
-        if !flushed.contains(0) && !reloads.contains(0) {
-            return Ok(());
-        }
-        let Some(hw) = self.domain.hardware_control(0) else {
-            // No root yet (the guest has not started) or none to run on.
-            return Ok(());
-        };
-        if flushed.contains(0) {
-            let mut gone = self.region;
-            gone.memory_size = 0;
-            // SAFETY: deleting the slot and adding back the same mapping (see `new`).
-            unsafe {
-                self.vm.set_user_memory_region(gone)?;
-                self.vm.set_user_memory_region(self.region)?;
+        let mut zapped = false;
+        for v in 0..self.vcpus.len() {
+            if !flushed.contains(v) && !reloads.contains(v) {
+                continue;
             }
-            self.exits.tlb_flushes += 1;
+            let Some(hw) = self.domain.hardware_control(v) else {
+                // No root yet (the guest has not started) or none to run on.
+                continue;
+            };
+            if flushed.contains(v) && !zapped {
+                // One zap drops what KVM caches for every vcpu.
+                let mut gone = self.region;
+                gone.memory_size = 0;
+                // SAFETY: deleting the slot and adding back the same mapping (see
+                // `with_config`).
+                unsafe {
+                    self.vm.set_user_memory_region(gone)?;
+                    self.vm.set_user_memory_region(self.region)?;
+                }
+                self.exits.tlb_flushes += 1;
+                zapped = true;
+            }
+            let vcpu = self.vcpu(v)?;
+            let mut s = vcpu.get_sregs()?;
+            apply_paging(&mut s, &hw);
+            vcpu.set_sregs(&s)?;
+            self.exits.cr3_reloads += 1;
         }
-        let mut s = self.vcpu.get_sregs()?;
-        apply_paging(&mut s, &hw);
-        self.vcpu.set_sregs(&s)?;
-        self.exits.cr3_reloads += 1;
         Ok(())
     }
 
-    /// Runs the guest until it reports, takes a fault it must see, or dies.
+    /// Runs vcpu 0 until it reports, takes a fault it must see, or dies.
     pub fn run(&mut self) -> Result<GuestExit, KvmError> {
-        let _deadline = Watchdog::arm(RUN_DEADLINE);
         loop {
-            let exit = match self.vcpu.run() {
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let mut value = [0u8; 4];
-                    let n = data.len().min(4);
-                    value[..n].copy_from_slice(&data[..n]);
-                    Ok((port, u32::from_le_bytes(value)))
+            match self.run_raw(0)? {
+                RawExit::Io { port, value } => {
+                    self.exits.guest_io += 1;
+                    return Ok(GuestExit::Reported { port, value });
                 }
-                Ok(other) => Err(format!("{other:?}")),
-                Err(e) if e.errno() == libc::EINTR => {
-                    let rip = self.vcpu.get_regs().map_or(0, |r| r.rip);
-                    return Err(KvmError::Watchdog {
-                        seconds: RUN_DEADLINE.as_secs(),
-                        rip,
-                    });
+                RawExit::Exception {
+                    vector,
+                    frame,
+                    frame_gpa,
+                } => {
+                    if let Some(exit) = self.exception(vector, frame, frame_gpa)? {
+                        return Ok(exit);
+                    }
                 }
-                Err(e) => return Err(e.into()),
-            };
-            self.exits.total += 1;
-            let (port, value) = match exit {
-                Ok(io) => io,
-                Err(reason) => {
-                    let rip = self.vcpu.get_regs().map_or(0, |r| r.rip);
-                    return Err(KvmError::Died { reason, rip });
-                }
-            };
-            if port == hyper::GUEST_PORT {
-                self.exits.guest_io += 1;
-                return Ok(GuestExit::Reported { port, value });
-            }
-            let vector = port.wrapping_sub(hyper::STUB_PORT_BASE);
-            if vector >= u16::from(hyper::VECTORS) {
-                let rip = self.vcpu.get_regs().map_or(0, |r| r.rip);
-                return Err(KvmError::Died {
-                    reason: format!("I/O to port {port:#x}"),
-                    rip,
-                });
-            }
-            if let Some(exit) = self.exception(vector as u8)? {
-                return Ok(exit);
             }
         }
     }
 
-    /// Handles exception `vector`, which the vcpu reported from its stub. `None`: resume.
-    fn exception(&mut self, vector: u8) -> Result<Option<GuestExit>, KvmError> {
-        let regs = self.vcpu.get_regs()?;
+    /// Runs vcpu `v` until its next exit: an `out` of the guest to its report port, or an
+    /// exception a stub reported. A death (an exit of another kind, an exception in ring
+    /// 0, an `out` to a port the guest may not use) or the watchdog is an error.
+    pub(crate) fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError> {
+        let _deadline = Watchdog::arm(RUN_DEADLINE);
+        let vcpu = self
+            .vcpus
+            .get_mut(v)
+            .ok_or(KvmError::Engine(EngineError::BadArgument("no such vcpu")))?;
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut value = [0u8; 4];
+                let n = data.len().min(4);
+                value[..n].copy_from_slice(&data[..n]);
+                Ok((port, u32::from_le_bytes(value)))
+            }
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR => {
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+                return Err(KvmError::Watchdog {
+                    seconds: RUN_DEADLINE.as_secs(),
+                    rip,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.exits.total += 1;
+        let (port, value) = match exit {
+            Ok(io) => io,
+            Err(reason) => {
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+                return Err(KvmError::Died { reason, rip });
+            }
+        };
+        if let Some(p) = self.io_pending.get_mut(v) {
+            *p = true;
+        }
+        if let Some(s) = self.in_stub.get_mut(v) {
+            *s = port != hyper::GUEST_PORT;
+        }
+        if port == hyper::GUEST_PORT {
+            return Ok(RawExit::Io { port, value });
+        }
+        let vector = port.wrapping_sub(hyper::STUB_PORT_BASE);
+        let regs = self.vcpu(v)?.get_regs()?;
+        if vector >= u16::from(hyper::VECTORS) {
+            return Err(KvmError::Died {
+                reason: format!("I/O to port {port:#x}"),
+                rip: regs.rip,
+            });
+        }
         let frame_gpa = self.frame_gpa(regs.rsp, regs.rip)?;
         let mut bytes = [0u8; ExceptionFrame::BYTES];
         self.domain
             .host()
             .read_bytes(frame_gpa, &mut bytes)
             .map_err(memory_error)?;
-        let mut frame = ExceptionFrame::from_bytes(&bytes);
+        let frame = ExceptionFrame::from_bytes(&bytes);
         if frame.cpl() == 0 {
             return Err(KvmError::Died {
                 reason: format!("exception {vector} in ring 0"),
                 rip: frame.rip,
             });
         }
+        Ok(RawExit::Exception {
+            vector: vector as u8,
+            frame,
+            frame_gpa,
+        })
+    }
+
+    /// Whether vcpu `v` last exited from a ring-0 stub: its segment registers are the
+    /// stub's until it returns to the frame.
+    pub(crate) fn in_stub(&self, v: usize) -> bool {
+        self.in_stub.get(v).copied().unwrap_or(true)
+    }
+
+    /// Writes back an exception frame the VMM changed (the stub's `iretq` returns to it).
+    pub(crate) fn write_frame(
+        &mut self,
+        frame_gpa: u64,
+        frame: &ExceptionFrame,
+    ) -> Result<(), KvmError> {
+        self.domain
+            .host()
+            .write_bytes(frame_gpa, &frame.to_bytes())
+            .map_err(memory_error)
+    }
+
+    /// Handles exception `vector` of vcpu 0, which it reported from its stub. `None`:
+    /// resume.
+    fn exception(
+        &mut self,
+        vector: u8,
+        mut frame: ExceptionFrame,
+        frame_gpa: u64,
+    ) -> Result<Option<GuestExit>, KvmError> {
+        let regs = self.vcpu(0)?.get_regs()?;
         if vector != PAGE_FAULT {
             self.exits.other_exceptions += 1;
             return Ok(Some(GuestExit::Exception {
@@ -290,7 +467,7 @@ impl KvmMachine {
                 rip: frame.rip,
             }));
         }
-        let cr2 = self.vcpu.get_sregs()?.cr2;
+        let cr2 = self.vcpu(0)?.get_sregs()?.cr2;
         let code = PfErrorCode(frame.error_code as u32);
         let (outcome, flush) = match self.engine(|d| d.page_fault(0, Gva::new(cr2), code)) {
             // Out of budget (a bounded search goes on): the guest retries the access.
@@ -327,10 +504,7 @@ impl KvmMachine {
                 if let Some(exit) = self.emulate(&regs, &mut frame, gpa)? {
                     return Ok(Some(exit));
                 }
-                self.domain
-                    .host()
-                    .write_bytes(frame_gpa, &frame.to_bytes())
-                    .map_err(memory_error)?;
+                self.write_frame(frame_gpa, &frame)?;
             }
         }
         Ok(None)
@@ -344,7 +518,7 @@ impl KvmMachine {
         frame: &mut ExceptionFrame,
         gpa: Gpa,
     ) -> Result<Option<GuestExit>, KvmError> {
-        let s = self.vcpu.get_sregs()?;
+        let s = self.vcpu(0)?.get_sregs()?;
         let mut r = Regs {
             gpr: [
                 regs.rax, regs.rcx, regs.rdx, regs.rbx, frame.rsp, regs.rbp, regs.rsi, regs.rdi,
@@ -395,16 +569,23 @@ impl KvmMachine {
         let mut changed = r.gpr;
         changed[Regs::RSP] = before[Regs::RSP];
         if changed != before {
-            self.set_gprs(&r.gpr)?;
+            self.set_gprs(0, &r.gpr)?;
         }
         Ok(None)
     }
 
-    /// Sets the guest's general registers (not RSP, which is the stub's) while the vcpu
-    /// sits in its stub: the pending I/O exit is completed first, as KVM requires.
-    fn set_gprs(&mut self, gpr: &[u64; 16]) -> Result<(), KvmError> {
-        self.vcpu.set_kvm_immediate_exit(1);
-        let completed = match self.vcpu.run() {
+    /// Completes vcpu `v`'s pending I/O exit, as KVM requires before its registers are
+    /// overwritten: one `KVM_RUN` with `immediate_exit` set.
+    pub(crate) fn complete_io(&mut self, v: usize) -> Result<(), KvmError> {
+        if !self.io_pending.get(v).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        let vcpu = self
+            .vcpus
+            .get_mut(v)
+            .ok_or(KvmError::Engine(EngineError::BadArgument("no such vcpu")))?;
+        vcpu.set_kvm_immediate_exit(1);
+        let completed = match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Err(e) => Err(KvmError::from(e)),
             Ok(other) => Err(KvmError::Died {
@@ -412,9 +593,21 @@ impl KvmMachine {
                 rip: 0,
             }),
         };
-        self.vcpu.set_kvm_immediate_exit(0);
+        vcpu.set_kvm_immediate_exit(0);
         completed?;
-        let mut regs = self.vcpu.get_regs()?;
+        if let Some(p) = self.io_pending.get_mut(v) {
+            *p = false;
+        }
+        self.exits.io_completions += 1;
+        Ok(())
+    }
+
+    /// Sets vcpu `v`'s general registers (not RSP, which is the stub's) while it sits in
+    /// its stub.
+    fn set_gprs(&mut self, v: usize, gpr: &[u64; 16]) -> Result<(), KvmError> {
+        self.complete_io(v)?;
+        let vcpu = self.vcpu(v)?;
+        let mut regs = vcpu.get_regs()?;
         regs.rax = gpr[0];
         regs.rcx = gpr[1];
         regs.rdx = gpr[2];
@@ -430,13 +623,13 @@ impl KvmMachine {
         regs.r13 = gpr[13];
         regs.r14 = gpr[14];
         regs.r15 = gpr[15];
-        self.vcpu.set_regs(&regs)?;
+        vcpu.set_regs(&regs)?;
         Ok(())
     }
 
     /// Calls the engine; after an error, the flush the failed call owes is carried out
     /// first, as the engine requires.
-    fn engine<R>(
+    pub(crate) fn engine<R>(
         &mut self,
         f: impl FnOnce(&mut Domain<KvmMemory>) -> Result<R, EngineError>,
     ) -> Result<R, KvmError> {

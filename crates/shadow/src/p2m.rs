@@ -436,6 +436,9 @@ pub struct P2m {
     mapped: u64,
     /// Teardown has started.
     dying: bool,
+    /// A root entry of the host's (its index and value): the hypervisor hole of a
+    /// paging-disabled guest, which runs on the root. No guest frame lies under it.
+    host_entry: Option<(u64, u64)>,
 }
 
 impl P2m {
@@ -460,6 +463,7 @@ impl P2m {
             tables,
             mapped: 0,
             dying: false,
+            host_entry: None,
         })
     }
 
@@ -520,11 +524,47 @@ impl P2m {
     }
 
     fn check_gfn(&self, gfn: Gfn) -> Result<u64, P2mError> {
-        if gfn.raw() < self.format.max_gfn() {
+        if gfn.raw() < self.format.max_gfn() && !self.under_host_entry(gfn.raw()) {
             Ok(gfn.raw())
         } else {
             Err(P2mError::GfnOutOfRange { gfn })
         }
+    }
+
+    /// Whether `gfn` lies under the host's root entry.
+    fn under_host_entry(&self, gfn: u64) -> bool {
+        self.host_entry
+            .is_some_and(|(index, _)| self.format.index(gfn, self.format.levels) == index)
+    }
+
+    /// Puts the host's `entry` at `index` of the root of a 4-level p2m (the hypervisor
+    /// hole a paging-disabled guest, running on the root, needs): from then on no guest
+    /// frame under it can be mapped, looked up or visited, and the entry is never read as
+    /// a p2m table. The root entry must be empty (no guest frame mapped under it).
+    pub fn set_host_entry<M: PhysMem<Maddr> + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        index: u64,
+        entry: u64,
+    ) -> Result<(), P2mError> {
+        self.live()?;
+        let f = self.format;
+        if f.levels != 4 || index >= f.entries(f.levels) || self.host_entry.is_some() {
+            return Err(P2mError::Inconsistent {
+                what: "a host entry needs a 4-level p2m and a free root slot",
+                mfn: self.root,
+            });
+        }
+        let at = f.entry_addr(self.root, index);
+        if mem.read_entry(at, f.entry_bytes)? != 0 {
+            return Err(P2mError::Inconsistent {
+                what: "guest frames are mapped under the host entry's slot",
+                mfn: self.root,
+            });
+        }
+        mem.write_entry(at, f.entry_bytes, entry)?;
+        self.host_entry = Some((index, entry));
+        Ok(())
     }
 
     /// Reads entry `index` of `table` (at `level`), as a non-leaf entry.
@@ -783,6 +823,11 @@ impl P2m {
             if left == 0 {
                 return Ok(Some(Gfn::new(gfn)));
             }
+            if self.under_host_entry(gfn) {
+                left -= 1;
+                gfn = (gfn | (fmt.span(fmt.levels) - 1)) + 1;
+                continue;
+            }
             match self.reach(mem, gfn)? {
                 Reach::Missing { level, .. } => {
                     left -= 1;
@@ -844,6 +889,15 @@ impl P2m {
                 return inconsistent("a table lies beyond what its format can reach", table);
             }
             for index in 0..f.entries(level) {
+                if level == f.levels
+                    && let Some((host_index, host_entry)) = self.host_entry
+                    && index == host_index
+                {
+                    if mem.read_entry(f.entry_addr(table, index), f.entry_bytes)? != host_entry {
+                        return inconsistent("the host's root entry changed", table);
+                    }
+                    continue;
+                }
                 if level > 1 {
                     if let Some(child) = self.read_table(mem, table, level, index)? {
                         stack.push((child, level - 1));

@@ -12,10 +12,13 @@ use crate::types::ShadowKind;
 
 impl<H: MachineMemory> Domain<H> {
     /// Links the host's L3 table `l3` into the hypervisor hole of every 4-level top this
-    /// domain builds (supervisor-only, writable at L4: the host's own lower entries decide
-    /// each page's rights). `l3` must have been declared with
+    /// domain builds (user and writable at L4: the host's own lower entries decide each
+    /// page's rights, so a host that marks no lower entry user keeps the whole area
+    /// supervisor-only, and one that runs guest operations at CPL3 can give them a page). `l3` must have been declared with
     /// [`Domain::add_hypervisor_frame`]; the domain must be internal with 4-level shadows,
-    /// and no vcpu may have a root yet (call it right after [`Domain::new`]).
+    /// and no vcpu may have a root yet (call it right after [`Domain::new`]). The entry goes
+    /// into the p2m's root too, which a paging-disabled guest runs on; guest frames under
+    /// it can no longer be mapped.
     pub fn set_hypervisor_l3(&mut self, l3: Mfn) -> Result<(), EngineError> {
         if self.config.external || self.config.shadow_levels != PagingLevels::Four {
             return Err(EngineError::BadArgument(
@@ -38,7 +41,13 @@ impl<H: MachineMemory> Domain<H> {
                 "machine frame beyond the host's MAXPHYADDR",
             ));
         }
-        self.hole_entry = l3.base().raw() | bits::P | bits::RW | bits::A;
+        let entry = l3.base().raw() | bits::P | bits::RW | bits::US | bits::A;
+        // A paging-disabled guest runs on the p2m's root: the hole goes there too.
+        if let (Some(p2m), Some(hole)) = (self.p2m.as_mut(), self.config.hypervisor_hole()) {
+            p2m.set_host_entry(&mut self.host, (hole.start >> 39) & 511, entry)
+                .map_err(|_| EngineError::BadArgument("the p2m maps guest frames in the hole"))?;
+        }
+        self.hole_entry = entry;
         Ok(())
     }
 

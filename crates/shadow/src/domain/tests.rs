@@ -236,8 +236,19 @@ fn host_hole_entry_is_in_every_four_level_top_and_survives_guest_writes() {
     d.set_hypervisor_l3(l3).unwrap();
     let hole = d.hypervisor_l4e();
     assert_eq!(hole & bits::ADDR_MASK_8, l3.base().raw());
-    assert_eq!(hole & bits::US, 0, "the hole must be supervisor-only");
+    // User at L4: the host's own lower entries decide each page's rights.
+    assert_eq!(hole & (bits::P | bits::US), bits::P | bits::US);
     let slot_of = |root: u64| Maddr::new(root + 510 * 8);
+
+    // A paging-disabled vcpu runs on the p2m's root: the hole is there, and no guest frame
+    // can be put under it (that gfn would alias the host's tables).
+    let p2m_root = d.p2m().unwrap().root().base().raw();
+    assert_eq!(d.host().read_entry(slot_of(p2m_root), 8).unwrap(), hole);
+    let under_hole = Gfn::new(510 << 27);
+    let spare = d.host_mut().alloc_block(0).unwrap();
+    assert!(d.set_p2m(under_hole, Some((spare, P2mType::Ram))).is_err());
+    assert_eq!(d.guest_frame(under_hole), None);
+    assert!(d.p2m().unwrap().check(d.host()).is_ok());
 
     four_level_guest(&mut d);
     let root = d.hardware_control(0).unwrap().cr3;

@@ -1,0 +1,74 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Guest models run on KVM vcpus on the engine's shadows, compared with the same model on
+//! the simulator: every value the guest read and every fault it took (the run's digest),
+//! and every counter, must be the same. Where KVM is missing or cannot run the pair, each
+//! test says why and returns.
+
+use shadow2::paging::PagingLevels;
+use shadow2::remove::TeardownHints;
+use shadow2_guest::{GuestModel, PairName, RunSpec, Workload};
+use shadow2_kvm::{KvmBackend, KvmBackendConfig, Probe};
+use shadow2_machine::backend::{SimBackend, SimConfig};
+
+fn probe_for(pair: PairName) -> Option<Probe> {
+    let probe = match Probe::run() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return None;
+        }
+    };
+    let runs = probe.runnable.iter().any(|p| p.name() == pair.to_string());
+    if !runs {
+        eprintln!("skipped: this host cannot run {pair}: {probe}");
+        return None;
+    }
+    Some(probe)
+}
+
+fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
+    let pair = PairName::parse(pair).expect("pair");
+    let Some(probe) = probe_for(pair) else { return };
+    let spec = RunSpec {
+        guest,
+        workload,
+        size,
+        pair,
+        seed: 1,
+    };
+    let hints = shadow2_guest::linear_map_hints(&spec);
+    let levels = PagingLevels::from_count(pair.shadow).expect("levels");
+    let mut cfg = SimConfig::new(levels, guest.vcpus(), spec.ram_frames());
+    cfg.linear_maps = hints.clone();
+    cfg.teardown = TeardownHints::ALL;
+    let pool_pages = cfg.pool_pages;
+    let mut sim = SimBackend::new(cfg).expect("sim");
+    let on_sim = shadow2_guest::run(&spec, &mut sim, &mut |_, _| {}).expect("sim run");
+
+    let mut kvm = KvmBackend::new(
+        &probe,
+        &KvmBackendConfig {
+            ram_frames: spec.ram_frames(),
+            vcpus: guest.vcpus(),
+            pool_pages,
+            linear_maps: hints,
+            teardown: TeardownHints::ALL,
+        },
+    )
+    .expect("kvm backend");
+    let started = std::time::Instant::now();
+    let on_kvm = shadow2_guest::run(&spec, &mut kvm, &mut |_, _| {}).expect("kvm run");
+    eprintln!(
+        "{} ops in {:?}: {}",
+        on_kvm.guest_ops,
+        started.elapsed(),
+        kvm.exits()
+    );
+    eprintln!("sim traps: {:?}", sim.report().traps);
+    assert_eq!(on_kvm, on_sim, "the guest saw different results on KVM");
+}
+
+#[test]
+fn linux64_forkwait_4on4_matches_the_simulator() {
+    same_on_both(GuestModel::Linux64, Workload::Forkwait, "4on4", 3);
+}
