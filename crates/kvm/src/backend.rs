@@ -151,6 +151,12 @@ impl KvmBackend {
         self.ops
     }
 
+    /// Reads guest-physical memory (to compare a run's final memory with another
+    /// backend's).
+    pub fn read_guest_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), KvmError> {
+        self.m.read_guest(Gpa::new(gpa), buf)
+    }
+
     fn check_vcpu(&self, v: usize) -> Result<(), OpError> {
         if v < self.segments.len() {
             Ok(())

@@ -72,3 +72,28 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
 fn linux64_forkwait_4on4_matches_the_simulator() {
     same_on_both(GuestModel::Linux64, Workload::Forkwait, "4on4", 3);
 }
+
+#[test]
+fn boot_forkwait_0on4_matches_the_simulator() {
+    same_on_both(GuestModel::Boot, Workload::Forkwait, "0on4", 3);
+}
+
+#[test]
+fn legacy32_forkwait_2on4_matches_the_simulator() {
+    same_on_both(GuestModel::Legacy32, Workload::Forkwait, "2on4", 3);
+}
+
+#[test]
+fn windows_pae_forkwait_3on4_matches_the_simulator() {
+    same_on_both(GuestModel::WindowsPae, Workload::Forkwait, "3on4", 3);
+}
+
+#[test]
+fn smp_boot_forkwait_4on4_matches_the_simulator() {
+    same_on_both(GuestModel::SmpBoot, Workload::Forkwait, "4on4", 3);
+}
+
+#[test]
+fn linux64_demand_4on4_matches_the_simulator() {
+    same_on_both(GuestModel::Linux64, Workload::Demand, "4on4", 2);
+}
