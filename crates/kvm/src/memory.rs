@@ -14,6 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 pub struct KvmMemory {
     mem: GuestMemoryMmap<()>,
     frames: u64,
+    /// Frames below `first` are never handed out.
+    first: u64,
     /// Frames at and above `next` were never handed out.
     next: u64,
     /// Blocks given back, by order.
@@ -26,11 +28,19 @@ const FIRST_FRAME: u64 = 1;
 impl KvmMemory {
     /// Maps `frames` 4 KiB frames of anonymous memory at VM-physical address 0.
     pub fn new(frames: u64) -> Result<KvmMemory, vm_memory::Error> {
+        KvmMemory::with_reserved(frames, FIRST_FRAME)
+    }
+
+    /// Maps `frames` frames, of which frames `0..reserved` are never handed out (a guest
+    /// that runs on its own tables has its RAM there, at its own addresses).
+    pub fn with_reserved(frames: u64, reserved: u64) -> Result<KvmMemory, vm_memory::Error> {
+        let reserved = reserved.max(FIRST_FRAME);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (frames * 4096) as usize)])?;
         Ok(KvmMemory {
             mem,
             frames,
-            next: FIRST_FRAME,
+            first: reserved,
+            next: reserved,
             free: BTreeMap::new(),
         })
     }
@@ -52,7 +62,7 @@ impl KvmMemory {
             .iter()
             .map(|(order, set)| (set.len() as u64) << order)
             .sum();
-        self.next - FIRST_FRAME - freed
+        self.next - self.first - freed
     }
 
     /// Writes bytes at a VM-physical address.
