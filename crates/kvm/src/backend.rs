@@ -106,6 +106,10 @@ pub(crate) trait Paging {
     fn load_image(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), KvmError>;
     /// Reads guest-physical memory.
     fn read_guest_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), KvmError>;
+    /// Called after every guest operation.
+    fn after_op(&mut self) -> Result<(), KvmError> {
+        Ok(())
+    }
 }
 
 /// Guest operations on KVM vcpus, with the paging `P` gives them.
@@ -652,6 +656,14 @@ impl<P: Paging> Backend<P> {
     }
 }
 
+impl<P: Paging> Backend<P> {
+    /// Ends a guest operation: the machine's bookkeeping after it, then its result.
+    fn finish(&mut self, result: Result<(), OpError>) -> Result<(), OpError> {
+        self.m.after_op().map_err(backend)?;
+        result
+    }
+}
+
 impl<P: Paging> GuestOps for Backend<P> {
     fn vcpus(&self) -> usize {
         self.segments.len()
@@ -680,31 +692,36 @@ impl<P: Paging> GuestOps for Backend<P> {
     fn read(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "load")?;
         self.ops += 1;
-        self.copy(vcpu, va, cpl, Some(buf), &[])
+        let result = self.copy(vcpu, va, cpl, Some(buf), &[]);
+        self.finish(result)
     }
 
     fn write(&mut self, vcpu: usize, va: u64, cpl: u8, data: &[u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, data.len(), "store")?;
         self.ops += 1;
-        self.copy(vcpu, va, cpl, None, data)
+        let result = self.copy(vcpu, va, cpl, None, data);
+        self.finish(result)
     }
 
     fn fetch(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "fetch")?;
         self.ops += 1;
-        self.fetch_at(vcpu, va, cpl, buf)
+        let result = self.fetch_at(vcpu, va, cpl, buf);
+        self.finish(result)
     }
 
     fn exec(&mut self, vcpu: usize, regs: &mut Regs) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         self.ops += 1;
-        self.exec_one(vcpu, regs)
+        let result = self.exec_one(vcpu, regs);
+        self.finish(result)
     }
 
     fn set_control(&mut self, vcpu: usize, ctl: ControlState) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         self.ops += 1;
-        self.privileged(vcpu, Privileged::Control, ctl.cr0, ctl)
+        let result = self.privileged(vcpu, Privileged::Control, ctl.cr0, ctl);
+        self.finish(result)
     }
 
     fn set_cr3(&mut self, vcpu: usize, cr3: u64) -> Result<(), OpError> {
@@ -714,14 +731,16 @@ impl<P: Paging> GuestOps for Backend<P> {
             cr3,
             ..self.m.guest_control(vcpu)
         };
-        self.privileged(vcpu, Privileged::Cr3, cr3, ctl)
+        let result = self.privileged(vcpu, Privileged::Cr3, cr3, ctl);
+        self.finish(result)
     }
 
     fn invlpg(&mut self, vcpu: usize, va: u64) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         self.ops += 1;
         let ctl = self.m.guest_control(vcpu);
-        self.privileged(vcpu, Privileged::Invlpg, va, ctl)
+        let result = self.privileged(vcpu, Privileged::Invlpg, va, ctl);
+        self.finish(result)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod exits;
 pub mod hyper;
 pub mod machine;
 pub mod memory;
+pub mod native;
 pub mod probe;
 pub mod shadowed;
 pub mod sregs;
@@ -22,6 +23,7 @@ mod watchdog;
 pub use exits::{ExceptionFrame, ExitCounts, GuestExit};
 pub use machine::{KvmConfig, KvmMachine};
 pub use memory::KvmMemory;
+pub use native::NativeBackend;
 pub use probe::{Probe, Unavailable};
 pub use shadowed::{KvmBackend, KvmBackendConfig};
 
