@@ -5,8 +5,10 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::addr::{Maddr, Mfn, PAGE_SHIFT};
-use crate::host::MachineMemory;
-use crate::paging::{MemError, PhysMem};
+use crate::host::{MachineMemory, serial_compare_exchange_u128};
+use crate::paging::{
+    Exchange, MemError, PhysMem, serial_compare_exchange_u32, serial_compare_exchange_u64,
+};
 
 /// Machine memory of `frames` frames (mfn 0 .. frames). Words never written read as zero.
 #[derive(Clone, Debug)]
@@ -109,6 +111,25 @@ impl PhysMem<Maddr> for TestMemory {
         self.set_word(index, value);
         Ok(())
     }
+
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
+    }
 }
 
 impl MachineMemory for TestMemory {
@@ -143,6 +164,15 @@ impl MachineMemory for TestMemory {
             }
             None => panic!("free_block({first:?}, order {order}) of a block not handed out"),
         }
+    }
+
+    fn compare_exchange_u128(
+        &mut self,
+        addr: Maddr,
+        current: u128,
+        new: u128,
+    ) -> Result<Exchange<u128>, MemError> {
+        serial_compare_exchange_u128(self, addr, current, new)
     }
 }
 

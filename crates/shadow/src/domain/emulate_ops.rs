@@ -117,6 +117,9 @@ impl<H: MachineMemory> VcpuMemory<'_, H> {
                     va,
                     code: PfErrorCode::for_access(access, &ctl).bits(),
                 },
+                // Another vcpu keeps rewriting the entries: the emulation is given up, which
+                // unshadows the page so that the guest's retry runs natively.
+                WalkFault::Contended => self.fail(EngineError::Preempted),
             }),
         }
     }
