@@ -14,8 +14,8 @@ pub use memory::{
 };
 pub use mode::{FourLevel, NoPaging, PageSize, PagingMode, ThreeLevel, TwoLevel};
 pub use walk::{
-    AdUpdate, MAX_RACED_WALKS, PathEntry, PdptLoadError, Perms, Translation, WalkEnv, WalkFailure, WalkFault,
-    WalkPath, WalkResult, load_pae_pdptes, protection_fault, walk, walk_mode,
+    AdUpdate, MAX_RACED_WALKS, PathEntry, PdptLoadError, Perms, Translation, WalkEnv, WalkFailure,
+    WalkFault, WalkPath, WalkResult, load_pae_pdptes, protection_fault, walk, walk_mode,
 };
 
 #[cfg(test)]
