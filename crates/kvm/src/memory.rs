@@ -247,6 +247,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lost_compare_exchange_leaves_memory_and_reports_it() {
+        let mut m = KvmMemory::new(4).unwrap();
+        let at = Maddr::new(0x1010);
+        m.write_u64(at, 0x0123_4567_89ab_cdef).unwrap();
+        assert_eq!(
+            m.compare_exchange_u64(at, 1, 2),
+            Ok(Exchange::Lost {
+                actual: 0x0123_4567_89ab_cdef
+            })
+        );
+        assert_eq!(
+            m.compare_exchange_u32(Maddr::new(0x1014), 1, 2),
+            Ok(Exchange::Lost {
+                actual: 0x0123_4567
+            })
+        );
+        assert_eq!(m.read_u64(at).unwrap(), 0x0123_4567_89ab_cdef);
+        assert_eq!(
+            m.compare_exchange_u32(Maddr::new(0x1014), 0x0123_4567, 5),
+            Ok(Exchange::Swapped)
+        );
+        assert_eq!(m.read_u64(at).unwrap(), 0x0000_0005_89ab_cdef);
+        assert_eq!(
+            m.compare_exchange_u64(Maddr::new(0x1014), 0, 1),
+            Err(MemError::Misaligned { addr: 0x1014 })
+        );
+        // No 16-byte atomic here: refused with nothing written.
+        assert_eq!(
+            m.compare_exchange_u128(at, 0x0000_0005_89ab_cdef, 1),
+            Err(MemError::NotAtomic { addr: 0x1010 })
+        );
+        assert_eq!(m.read_u64(at).unwrap(), 0x0000_0005_89ab_cdef);
+    }
+
+    #[test]
     fn blocks_are_aligned_zeroed_and_reused() {
         let mut m = KvmMemory::new(64).unwrap();
         let a = m.alloc_block(0).unwrap();

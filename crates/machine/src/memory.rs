@@ -739,6 +739,39 @@ where
 mod tests {
     use super::*;
 
+    #[test]
+    fn sparse_lost_compare_exchange_leaves_memory_and_reports_it() {
+        let mut mem = SparseMemory::new(4);
+        let at = Maddr::new(0x1010);
+        mem.write_u64(at, 0xaaaa_bbbb_cccc_dddd).unwrap();
+        mem.write_u64(Maddr::new(0x1018), 9).unwrap();
+        assert_eq!(
+            mem.compare_exchange_u64(at, 1, 2),
+            Ok(Exchange::Lost {
+                actual: 0xaaaa_bbbb_cccc_dddd
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u32(Maddr::new(0x1014), 1, 2),
+            Ok(Exchange::Lost {
+                actual: 0xaaaa_bbbb
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u128(at, 1, 2),
+            Ok(Exchange::Lost {
+                actual: 9 << 64 | 0xaaaa_bbbb_cccc_dddd
+            })
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 0xaaaa_bbbb_cccc_dddd);
+        assert_eq!(mem.read_u64(Maddr::new(0x1018)).unwrap(), 9);
+        assert_eq!(
+            mem.compare_exchange_u64(at, 0xaaaa_bbbb_cccc_dddd, 3),
+            Ok(Exchange::Swapped)
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 3);
+    }
+
     fn ma(raw: u64) -> Maddr {
         Maddr::new(raw)
     }

@@ -198,6 +198,37 @@ mod tests {
     }
 
     #[test]
+    fn testmem_lost_compare_exchange_leaves_memory_and_reports_it() {
+        let mut mem = TestMemory::new(1);
+        let at = Maddr::new(16);
+        mem.write_u64(at, 0x1111_2222_3333_4444).unwrap();
+        assert_eq!(
+            mem.compare_exchange_u64(at, 5, 6),
+            Ok(Exchange::Lost {
+                actual: 0x1111_2222_3333_4444
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u32(Maddr::new(20), 5, 6),
+            Ok(Exchange::Lost {
+                actual: 0x1111_2222
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u128(Maddr::new(16), 5, 6),
+            Ok(Exchange::Lost {
+                actual: 0x1111_2222_3333_4444
+            })
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 0x1111_2222_3333_4444);
+        assert_eq!(
+            mem.compare_exchange_u32(Maddr::new(20), 0x1111_2222, 7),
+            Ok(Exchange::Swapped)
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 0x0000_0007_3333_4444);
+    }
+
+    #[test]
     fn testmem_word_access() {
         let mut mem = TestMemory::new(1);
         mem.write_u32(Maddr::new(12), 0xdead_beef).unwrap();

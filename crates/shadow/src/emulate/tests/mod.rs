@@ -11,6 +11,7 @@ use iced_x86::code_asm::CodeAssembler;
 
 use super::{AtomicUpdate, CodeMode, EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write};
 
+mod atomic;
 mod faults;
 mod forms;
 mod prop;
