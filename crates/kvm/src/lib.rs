@@ -62,7 +62,7 @@ pub enum KvmError {
     #[error("watchdog: no reportable exit within {seconds} s (rip {rip:#x})")]
     Watchdog {
         /// The deadline.
-        seconds: u64,
+        seconds: f64,
         /// The RIP when it was stopped.
         rip: u64,
     },

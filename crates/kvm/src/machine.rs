@@ -127,6 +127,12 @@ impl KvmMachine {
         &self.hyper
     }
 
+    /// Sets the longest time one run of a vcpu may take before the guest is stopped and
+    /// [`KvmError::Watchdog`] reported (20 s unless set).
+    pub fn set_run_deadline(&mut self, deadline: std::time::Duration) {
+        self.vm.set_deadline(deadline);
+    }
+
     /// The VM.
     pub(crate) fn vm_mut(&mut self) -> &mut Vm {
         &mut self.vm

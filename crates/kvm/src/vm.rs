@@ -19,7 +19,8 @@ use crate::memory::KvmMemory;
 use crate::sregs;
 use crate::watchdog::Watchdog;
 
-/// Longest time one `KVM_RUN` may take before the guest is stopped.
+/// Longest time one `KVM_RUN` may take before the guest is stopped, unless the owner sets
+/// another ([`Vm::set_deadline`]).
 const RUN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// What one `KVM_RUN` ended with, before any handling.
@@ -56,6 +57,8 @@ pub(crate) struct Vm {
     /// Vcpus that exited from a ring-0 stub (their segment registers are the stub's).
     in_stub: Vec<bool>,
     pub(crate) exits: ExitCounts,
+    watchdog: Watchdog,
+    deadline: Duration,
 }
 
 pub(crate) fn memory_error(e: impl std::fmt::Debug) -> KvmError {
@@ -99,7 +102,14 @@ impl Vm {
             vm,
             _kvm: kvm,
             exits: ExitCounts::default(),
+            watchdog: Watchdog::new(),
+            deadline: RUN_DEADLINE,
         })
+    }
+
+    /// Sets the longest time one `KVM_RUN` may take.
+    pub(crate) fn set_deadline(&mut self, deadline: Duration) {
+        self.deadline = deadline;
     }
 
     /// The number of vcpus.
@@ -179,7 +189,7 @@ impl Vm {
         hyper: &HyperArea,
         v: usize,
     ) -> Result<RawExit, KvmError> {
-        let _deadline = Watchdog::arm(RUN_DEADLINE);
+        let _deadline = self.watchdog.arm(self.deadline);
         let vcpu = self
             .vcpus
             .get_mut(v)
@@ -195,7 +205,7 @@ impl Vm {
             Err(e) if e.errno() == libc::EINTR => {
                 let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 return Err(KvmError::Watchdog {
-                    seconds: RUN_DEADLINE.as_secs(),
+                    seconds: self.deadline.as_secs_f64(),
                     rip,
                 });
             }

@@ -367,3 +367,25 @@ fn probe_names_every_pair_once_and_a_real_maxphyaddr() {
     assert!((32..=52).contains(&probe.maxphyaddr), "{probe}");
     assert!(probe.skipped.iter().all(|(_, why)| !why.is_empty()));
 }
+
+/// A guest that never exits is stopped by the watchdog and reported with its RIP, never
+/// a hang.
+#[test]
+fn a_guest_that_spins_is_stopped_by_the_watchdog() {
+    let Some(mut m) = machine() else { return };
+    build_tables(&mut m);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.jmp(spin).unwrap();
+    let code = a.assemble(CODE_VA).unwrap();
+    m.write_guest(Gpa::new(CODE_GPA), &code).expect("code");
+    m.set_run_deadline(std::time::Duration::from_millis(300));
+    m.start_user(guest_control(), CODE_VA, 0).expect("start");
+    let started = Instant::now();
+    match m.run() {
+        Err(shadow2_kvm::KvmError::Watchdog { rip, .. }) => assert_eq!(rip, CODE_VA),
+        other => panic!("expected the watchdog, got {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
