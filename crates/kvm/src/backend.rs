@@ -12,7 +12,9 @@
 //! so one guest store is one trap on both. An executed instruction is emulated by the
 //! engine's own emulator ([`Domain::emulate`]) on the hardware's registers.
 
-use kvm_bindings::kvm_regs;
+use iced_x86::{Decoder, DecoderOptions};
+use kvm_bindings::{kvm_debugregs, kvm_regs};
+use shadow2::EngineError;
 use shadow2::domain::EmulateOutcome;
 use shadow2::emulate::{CodeMode, EmuFault, Regs};
 use shadow2::multi::FaultOutcome;
@@ -545,18 +547,60 @@ impl<P: Paging> Backend<P> {
             gs_base: regs.gs_base,
         };
         self.load(v, seg, &hwregs).map_err(backend)?;
+        let mut breakpoint = false;
+        let result = self.step(v, regs, &mut breakpoint);
+        if breakpoint {
+            let cleared = kvm_debugregs::default();
+            let vm = self.m.vm();
+            vm.vcpu(v)
+                .and_then(|c| Ok(c.set_debug_regs(&cleared)?))
+                .map_err(backend)?;
+        }
+        result
+    }
+
+    /// Runs the single-stepped instruction of [`Backend::exec_one`] to its end.
+    fn step(&mut self, v: usize, regs: &mut Regs, breakpoint: &mut bool) -> Result<(), OpError> {
         for _ in 0..MAX_TRAPS_PER_OP {
-            let (vector, frame) = match self.run(v)? {
+            let (vector, frame, frame_gpa) = match self.run(v)? {
                 RawExit::Io { port, .. } => {
                     return Err(OpError::Backend(format!(
                         "the instruction at {:#x} did I/O to port {port:#x}",
                         regs.rip
                     )));
                 }
-                RawExit::Exception { vector, frame, .. } => (vector, frame),
+                RawExit::Exception {
+                    vector,
+                    frame,
+                    frame_gpa,
+                } => (vector, frame, frame_gpa),
             };
             match vector {
-                DEBUG => {
+                // A REP string instruction traps between iterations (SDM vol. 3A 18.3.1.4):
+                // it runs on without single-stepping, to a code breakpoint just past it.
+                DEBUG if frame.rip == regs.rip && !*breakpoint => {
+                    self.exits().single_steps += 1;
+                    let next = self.next_rip(v, regs).map_err(backend)?;
+                    let dr = kvm_debugregs {
+                        db: [next, 0, 0, 0],
+                        // L0, an instruction breakpoint (R/W0 = 0, LEN0 = 0).
+                        dr7: 1 | (1 << 10),
+                        ..kvm_debugregs::default()
+                    };
+                    self.m
+                        .vm()
+                        .vcpu(v)
+                        .and_then(|c| Ok(c.set_debug_regs(&dr)?))
+                        .map_err(backend)?;
+                    *breakpoint = true;
+                    let mut resumed = frame;
+                    resumed.rflags &= !TRAP_FLAG;
+                    self.m
+                        .mem()
+                        .write_bytes(frame_gpa, &resumed.to_bytes())
+                        .map_err(|e| OpError::Backend(format!("exception frame: {e:?}")))?;
+                }
+                DEBUG if frame.rip != regs.rip => {
                     self.exits().single_steps += 1;
                     *regs = self.regs_at(v, &frame, regs).map_err(backend)?;
                     return Ok(());
@@ -572,6 +616,33 @@ impl<P: Paging> Backend<P> {
             "the instruction at {:#x} trapped {MAX_TRAPS_PER_OP} times",
             regs.rip
         )))
+    }
+
+    /// The address just past the instruction at `regs.rip`, decoded from the bytes the
+    /// hardware fetched it from.
+    fn next_rip(&self, v: usize, regs: &Regs) -> Result<u64, KvmError> {
+        let maddr = self
+            .hardware_translate(v, regs.rip)
+            .ok_or(KvmError::Engine(EngineError::Internal(
+                "a trapped instruction is not mapped",
+            )))?;
+        let room = (4096 - (regs.rip & 0xfff)).min(15) as usize;
+        let mut bytes = [0u8; 15];
+        self.m
+            .mem()
+            .read_bytes(maddr, &mut bytes[..room])
+            .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
+        let bitness = if regs.mode == CodeMode::Bits64 {
+            64
+        } else {
+            32
+        };
+        let mut d = Decoder::with_ip(bitness, &bytes[..room], regs.rip, DecoderOptions::NONE);
+        let ins = d.decode();
+        if ins.is_invalid() {
+            return Err(EngineError::Internal("a trapped instruction does not decode").into());
+        }
+        Ok(ins.next_ip())
     }
 
     /// A page fault of a single-stepped instruction.
