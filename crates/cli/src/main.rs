@@ -3,6 +3,10 @@
 mod bench;
 mod check_shadow;
 mod check_walker;
+mod kvm_cmd;
+mod kvmrun;
+mod memdiff;
+mod native;
 mod progress;
 mod replay;
 mod report;

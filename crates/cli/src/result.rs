@@ -93,6 +93,30 @@ pub struct RunResult {
     /// Pool pages in use over the run: (guest operations so far, pool pages in use).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pool_series: Vec<(u64, u64)>,
+    /// KVM runs only: VM exits by kind (`ExitCounts::by_kind`, `total` included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_exits: Option<BTreeMap<String, u64>>,
+    /// KVM runs only: VM exits (`vm_exits.total`) per guest operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exits_per_op: Option<f64>,
+    /// KVM runs only: how this run's guest-visible results differ from other backends'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub differences: Option<Differences>,
+    /// KVM runs only: why the native comparison was not made (`differences.vs_native` is
+    /// null then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_skipped: Option<String>,
+}
+
+/// Differences between one run and the same guest on another backend: operations whose
+/// outcome differs (plus the difference in their number) and 8-byte words of final guest
+/// memory that differ. `None` (null) where the comparison was not made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Differences {
+    /// Against the simulator.
+    pub vs_sim: Option<u64>,
+    /// Against native KVM (the guest's own tables, no engine).
+    pub vs_native: Option<u64>,
 }
 
 /// What `shadow2 bench` writes (`target/shadow2/bench.json`) and `shadow2 report` reads.
@@ -363,7 +387,7 @@ pub fn fmt_f64(x: f64) -> String {
 }
 
 /// Seconds, to the millisecond (or the microsecond under a second).
-fn fmt_secs(s: f64) -> String {
+pub fn fmt_secs(s: f64) -> String {
     let s = if s.is_finite() { s } else { 0.0 };
     if s >= 1.0 {
         format!("{s:.3} s")
