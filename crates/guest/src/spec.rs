@@ -263,6 +263,19 @@ impl RunSpec {
         Ok(())
     }
 
+    /// Every paging mode the run's vcpus go through, as levels (0: paging disabled): the
+    /// boot with paging disabled, the kernel's own mode, and for `smp-boot` the 2- and
+    /// 3-level modes its application processors start in.
+    pub fn paging_levels(&self) -> Vec<u8> {
+        let mut levels = vec![0, crate::kernel::arch::Arch::of(self).levels];
+        if self.guest == GuestModel::SmpBoot {
+            levels.extend([2, 3]);
+        }
+        levels.sort_unstable();
+        levels.dedup();
+        levels
+    }
+
     /// Guest-physical RAM the run needs, in 4 KiB frames.
     pub fn ram_frames(&self) -> u64 {
         let base: u64 = 16 * 256; // 16 MiB: kernel, page tables, page cache, processes

@@ -1,5 +1,5 @@
-//! [`KvmBackend`]: the guest-operations interface ([`GuestOps`]) carried out by real x86
-//! vcpus on the engine's shadows. Each operation runs as real instructions at its privilege
+//! The guest-operations interface ([`GuestOps`]) carried out by real x86 vcpus, on the
+//! engine's shadows or on the guest's own tables ([`Paging`] says which). Each operation runs as real instructions at its privilege
 //! level (kernel operations at CPL1, user operations at CPL3): loads and stores by the
 //! [`executor`](crate::executor)'s `rep movsb`, fetches by the CPU fetching at the address
 //! itself, executed instructions single-stepped from the guest's own bytes, and the
@@ -13,22 +13,21 @@
 //! engine's own emulator ([`Domain::emulate`]) on the hardware's registers.
 
 use kvm_bindings::kvm_regs;
-use shadow2::domain::{EmulateOutcome, EngineError, GuestFault};
+use shadow2::domain::EmulateOutcome;
 use shadow2::emulate::{CodeMode, EmuFault, Regs};
 use shadow2::multi::FaultOutcome;
 use shadow2::paging::bits::{self, cr};
 use shadow2::paging::{ControlState, PfErrorCode};
-use shadow2::remove::{LinearMapHint, TeardownHints};
-use shadow2::{Gfn, Gpa, Gva, Mfn};
-use shadow2_guest::{Event, Fault, GuestOps, OpError};
+use shadow2::{Gpa, Mfn};
+use shadow2_guest::{Fault, GuestOps, OpError};
 
 use crate::KvmError;
 use crate::executor::{Executor, Privileged};
 use crate::exits::{ExceptionFrame, ExitCounts};
-use crate::hyper;
-use crate::probe::Probe;
+use crate::hyper::{self, HyperArea};
+use crate::memory::KvmMemory;
 use crate::sregs;
-use crate::vm::{KvmConfig, KvmMachine, RawExit};
+use crate::vm::{RawExit, Vm};
 
 /// Exception vectors the backend tells apart.
 const DEBUG: u8 = 1;
@@ -44,23 +43,6 @@ const HLT: u8 = 0xf4;
 /// Traps one operation may take before the backend gives up on it (the engine makes
 /// progress on every trap; a guest operation touches one page).
 const MAX_TRAPS_PER_OP: usize = 256;
-/// Frames of VM memory beyond RAM, pool and p2m (the hypervisor area, slack).
-const SLACK_FRAMES: u64 = 256;
-
-/// How to build a [`KvmBackend`].
-#[derive(Clone, Debug)]
-pub struct KvmBackendConfig {
-    /// Guest RAM: guest frames `0..ram_frames`.
-    pub ram_frames: u64,
-    /// Vcpus.
-    pub vcpus: usize,
-    /// The shadow pool's size in pages.
-    pub pool_pages: usize,
-    /// The guest OS's linear maps, handed to the engine.
-    pub linear_maps: Vec<LinearMapHint>,
-    /// The guest OS's teardown hints.
-    pub teardown: TeardownHints,
-}
 
 /// The segment registers a vcpu holds: the hardware CPL (1 or 3) and whether CS is 64-bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,10 +53,69 @@ struct Segments {
     gs_base: u64,
 }
 
-/// Guest operations on KVM vcpus running on the engine's shadows.
+/// What differs between a vcpu running on the engine's shadows and one running on the
+/// guest's own tables: who answers a page fault, and who carries out the privileged
+/// operations.
+pub(crate) trait Paging {
+    /// The VM.
+    fn vm(&mut self) -> &mut Vm;
+    /// The VM, to read.
+    fn vm_ref(&self) -> &Vm;
+    /// Runs vcpu `v` until its next exit (see [`Vm::run_raw`]).
+    fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError>;
+    /// The VM's memory.
+    fn mem(&self) -> &KvmMemory;
+    /// The hypervisor area.
+    fn hyper(&self) -> &HyperArea;
+    /// The CR3 the hardware runs vcpu `v` on, if it has one.
+    fn hardware_cr3(&self, v: usize) -> Option<u64>;
+    /// The host's MAXPHYADDR.
+    fn maxphyaddr(&self) -> u8;
+    /// The guest's own control registers of vcpu `v`.
+    fn guest_control(&self, v: usize) -> ControlState;
+    /// Whether machine frame `mfn` is the guest's RAM (never the hypervisor's or the
+    /// shadow pool's).
+    fn is_guest_ram(&self, mfn: Mfn) -> bool;
+    /// The answer to a page fault of vcpu `v` at `cr2`.
+    fn page_fault(
+        &mut self,
+        v: usize,
+        cr2: u64,
+        code: PfErrorCode,
+    ) -> Result<FaultOutcome, KvmError>;
+    /// Writes the rest of a store whose page fault was answered `Emulate`.
+    fn write_emulated(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), KvmError>;
+    /// Emulates the instruction at `regs` after its page fault was answered `Emulate`;
+    /// `None`: preempted, the instruction runs again.
+    fn emulate(
+        &mut self,
+        v: usize,
+        regs: &mut Regs,
+        gpa: Gpa,
+    ) -> Result<Option<EmulateOutcome>, KvmError>;
+    /// Carries out a privileged operation that trapped (`arg`: the new CR0, CR3 or the
+    /// INVLPG address; `ctl`: the guest's new control registers).
+    fn privileged(
+        &mut self,
+        v: usize,
+        op: Privileged,
+        arg: u64,
+        ctl: ControlState,
+    ) -> Result<(), OpError>;
+    /// Writes guest-physical memory as the loader does.
+    fn load_image(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), KvmError>;
+    /// Reads guest-physical memory.
+    fn read_guest_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), KvmError>;
+    /// Called after every guest operation.
+    fn after_op(&mut self) -> Result<(), KvmError> {
+        Ok(())
+    }
+}
+
+/// Guest operations on KVM vcpus, with the paging `P` gives them.
 #[derive(Debug)]
-pub struct KvmBackend {
-    m: KvmMachine,
+pub(crate) struct Backend<P> {
+    m: P,
     ram_frames: u64,
     executor: Executor,
     segments: Vec<Option<Segments>>,
@@ -103,58 +144,31 @@ enum Next {
     Done(Result<(), OpError>),
 }
 
-impl KvmBackend {
-    /// A VM for `cfg` on this host: RAM given to the guest, every vcpu starting with paging
-    /// disabled on the p2m, as the simulator's do.
-    pub fn new(probe: &Probe, cfg: &KvmBackendConfig) -> Result<KvmBackend, KvmError> {
-        let pool = cfg.pool_pages as u64;
-        let p2m = cfg.ram_frames.div_ceil(512) + cfg.ram_frames.div_ceil(512 * 512) + 16;
-        let frames = cfg.ram_frames + pool + pool / 2 + p2m + SLACK_FRAMES;
-        let mut m = KvmMachine::with_config(
-            probe,
-            &KvmConfig {
-                frames,
-                pool_pages: cfg.pool_pages,
-                vcpus: cfg.vcpus,
-                linear_maps: cfg.linear_maps.clone(),
-                teardown: cfg.teardown,
-            },
-        )?;
-        m.add_ram(Gfn::new(0), cfg.ram_frames)?;
-        for v in 0..cfg.vcpus {
-            let flush = m.domain_mut().update_paging_modes(v)?;
-            m.settle(flush)?;
-            m.init_vcpu(v)?;
-        }
+impl<P: Paging> Backend<P> {
+    /// A backend on `m`, whose vcpus are ready to run.
+    pub(crate) fn on(m: P, ram_frames: u64, vcpus: usize) -> Backend<P> {
         let executor = m.hyper().executor;
-        Ok(KvmBackend {
+        Backend {
             m,
-            ram_frames: cfg.ram_frames,
+            ram_frames,
             executor,
-            segments: vec![None; cfg.vcpus],
+            segments: vec![None; vcpus],
             ops: 0,
-        })
+        }
     }
 
-    /// The machine (its domain, exits and fault log).
-    pub fn machine(&self) -> &KvmMachine {
+    /// The machine.
+    pub(crate) fn machine(&self) -> &P {
         &self.m
     }
 
-    /// VM exits so far, by kind.
-    pub fn exits(&self) -> ExitCounts {
-        self.m.exits()
-    }
-
     /// Guest operations carried out (image loads not counted).
-    pub fn guest_ops(&self) -> u64 {
+    pub(crate) fn guest_ops(&self) -> u64 {
         self.ops
     }
 
-    /// Reads guest-physical memory (to compare a run's final memory with another
-    /// backend's).
-    pub fn read_guest_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), KvmError> {
-        self.m.read_guest(Gpa::new(gpa), buf)
+    fn exits(&mut self) -> &mut ExitCounts {
+        &mut self.m.vm().exits
     }
 
     fn check_vcpu(&self, v: usize) -> Result<(), OpError> {
@@ -176,12 +190,13 @@ impl KvmBackend {
         Ok(())
     }
 
-    /// Loads the segment registers for `seg` (only when they change) and then `regs`,
-    /// after completing the vcpu's pending I/O exit.
+    /// Loads the segment registers for `seg` (when they are not already there) and then
+    /// `regs`, after completing the vcpu's pending I/O exit.
     fn load(&mut self, v: usize, seg: Segments, regs: &kvm_regs) -> Result<(), KvmError> {
-        self.m.complete_io(v)?;
-        if self.m.in_stub(v) || self.segments.get(v).copied().flatten() != Some(seg) {
-            let vcpu = self.m.vcpu(v)?;
+        let vm = self.m.vm();
+        vm.complete_io(v)?;
+        if vm.in_stub(v) || self.segments.get(v).copied().flatten() != Some(seg) {
+            let vcpu = vm.vcpu(v)?;
             let mut s = vcpu.get_sregs()?;
             let (cs, ss) = match (seg.cpl, seg.long) {
                 (3, true) => (hyper::USER_CS, hyper::USER_DS),
@@ -202,16 +217,15 @@ impl KvmBackend {
                 *slot = Some(seg);
             }
         }
-        self.m.vcpu(v)?.set_regs(regs)?;
+        self.m.vm().vcpu(v)?.set_regs(regs)?;
         Ok(())
     }
 
     /// RFLAGS for the executor at `cpl`: the guest's AC (which decides SMAP for supervisor
     /// accesses).
     fn executor_rflags(&self, v: usize, cpl: u8) -> u64 {
-        let guest = self.m.domain().vcpu(v).map_or(0, |c| c.control().rflags);
         if cpl < 3 {
-            RFLAGS_FIXED | (guest & cr::RFLAGS_AC)
+            RFLAGS_FIXED | (self.m.guest_control(v).rflags & cr::RFLAGS_AC)
         } else {
             RFLAGS_FIXED
         }
@@ -226,24 +240,25 @@ impl KvmBackend {
         }
     }
 
-    /// A page fault of vcpu `v` at the frame: the engine's answer, counted. `Emulate` and
-    /// `Mmio` are left to the caller.
+    fn run(&mut self, v: usize) -> Result<RawExit, OpError> {
+        self.m.run_raw(v).map_err(backend)
+    }
+
+    /// A page fault of vcpu `v` at the frame: the answer, counted.
     fn page_fault(
         &mut self,
         v: usize,
         frame: &ExceptionFrame,
-    ) -> Result<(u64, FaultOutcome), KvmError> {
-        let cr2 = self.m.vcpu(v)?.get_sregs()?.cr2;
+    ) -> Result<(u64, FaultOutcome), OpError> {
+        let cr2 = self
+            .m
+            .vm()
+            .vcpu(v)
+            .and_then(|c| Ok(c.get_sregs()?.cr2))
+            .map_err(backend)?;
         let code = PfErrorCode(frame.error_code as u32);
-        let (outcome, flush) = match self.m.engine(|d| d.page_fault(v, Gva::new(cr2), code)) {
-            // Out of budget (a bounded search goes on): the guest retries the access.
-            Err(KvmError::Engine(EngineError::Preempted)) => {
-                (FaultOutcome::Spurious, { shadow2::Flush::NONE })
-            }
-            other => other?,
-        };
-        self.m.settle(flush)?;
-        let exits = self.m.exits_mut();
+        let outcome = self.m.page_fault(v, cr2, code).map_err(backend)?;
+        let exits = self.exits();
         match outcome {
             FaultOutcome::Fixed => exits.pf_fixed += 1,
             FaultOutcome::Spurious => exits.pf_spurious += 1,
@@ -256,7 +271,7 @@ impl KvmBackend {
 
     /// Another exception of the guest's: its architectural fault, or the backend's error.
     fn other_exception(&mut self, vector: u8, frame: &ExceptionFrame) -> Result<(), OpError> {
-        self.m.exits_mut().other_exceptions += 1;
+        self.exits().other_exceptions += 1;
         match vector {
             GENERAL_PROTECTION => Err(OpError::Fault(Fault::GeneralProtection)),
             INVALID_OPCODE => Err(OpError::Fault(Fault::InvalidOpcode)),
@@ -287,8 +302,7 @@ impl KvmBackend {
         let len = load.as_ref().map_or(data.len(), |b| b.len());
         if load.is_none() {
             self.m
-                .domain()
-                .host()
+                .mem()
                 .write_bytes(buffer_gpa, data)
                 .map_err(|e| OpError::Backend(format!("mailbox: {e:?}")))?;
         }
@@ -309,13 +323,12 @@ impl KvmBackend {
             .map_err(backend)?;
         let copy_rip = regs.rip;
         for _ in 0..MAX_TRAPS_PER_OP {
-            match self.m.run_raw(v).map_err(backend)? {
+            match self.run(v)? {
                 RawExit::Io { .. } => {
-                    self.m.exits_mut().guest_io += 1;
+                    self.exits().guest_io += 1;
                     if let Some(buf) = load {
                         self.m
-                            .domain()
-                            .host()
+                            .mem()
                             .read_bytes(buffer_gpa, buf)
                             .map_err(|e| OpError::Backend(format!("mailbox: {e:?}")))?;
                     }
@@ -326,7 +339,7 @@ impl KvmBackend {
                     frame,
                     ..
                 } => {
-                    let (cr2, outcome) = self.page_fault(v, &frame).map_err(backend)?;
+                    let (cr2, outcome) = self.page_fault(v, &frame)?;
                     match outcome {
                         FaultOutcome::Fixed | FaultOutcome::Spurious => {}
                         FaultOutcome::Propagate(code) => return Err(page_fault(cr2, code.0)),
@@ -343,10 +356,14 @@ impl KvmBackend {
                                     "the engine asked to emulate a load at {cr2:#x}"
                                 )));
                             }
-                            let left = self.m.vcpu(v).map_err(backend)?.get_regs();
-                            let left = left.map_err(|e| backend(e.into()))?.rcx as usize;
+                            let left = self
+                                .m
+                                .vm()
+                                .vcpu(v)
+                                .and_then(|c| Ok(c.get_regs()?.rcx))
+                                .map_err(backend)? as usize;
                             let done = len.saturating_sub(left).min(data.len());
-                            return self.store_through_engine(gpa, &data[done..]);
+                            return self.m.write_emulated(gpa, &data[done..]).map_err(backend);
                         }
                     }
                 }
@@ -360,23 +377,12 @@ impl KvmBackend {
         )))
     }
 
-    /// The rest of a store the engine had emulated: written through the engine, which
-    /// validates the shadows of the page table it lands in.
-    fn store_through_engine(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), OpError> {
-        let flush = self
-            .m
-            .engine(|d| d.write_guest_phys(gpa, data))
-            .map_err(backend)?;
-        self.m.settle(flush).map_err(backend)
-    }
-
-    /// Where the hardware would fetch `va` from through vcpu `v`'s shadows now (a walk of
-    /// the shadow tables, no side effects), if they map it.
-    fn shadow_translate(&self, v: usize, va: u64) -> Option<u64> {
-        let d = self.m.domain();
-        let hw = d.hardware_control(v)?;
-        let mem = d.host();
-        let mut table = hw.cr3 & bits::ADDR_MASK_8;
+    /// Where the hardware would fetch `va` from through vcpu `v`'s tables now (a walk of
+    /// the 4-level tables its CR3 names, no side effects), if they map it.
+    fn hardware_translate(&self, v: usize, va: u64) -> Option<u64> {
+        let mem = self.m.mem();
+        let width = self.m.maxphyaddr();
+        let mut table = self.m.hardware_cr3(v)? & bits::ADDR_MASK_8;
         for level in (1..=4u32).rev() {
             let index = (va >> (12 + 9 * (level - 1))) & 511;
             let mut e = [0u8; 8];
@@ -386,7 +392,6 @@ impl KvmBackend {
                 return None;
             }
             let addr = e & bits::ADDR_MASK_8;
-            let width = d.config().host_maxphyaddr;
             if width < 52 && addr >> width != 0 {
                 // Reserved address bits (the engine's markers): the hardware faults.
                 return None;
@@ -401,9 +406,9 @@ impl KvmBackend {
     }
 
     /// An instruction fetch at `va`: the vcpu jumps there at `cpl` and the CPU fetches
-    /// through the shadows, with every trap that takes; the byte it finds is a HLT the
-    /// VMM puts there for the run (and takes away before anything else looks at the page),
-    /// so nothing of the guest's runs. The bytes returned are the page's own.
+    /// through its tables, with every trap that takes; the byte it finds is a HLT the VMM
+    /// puts there for the run (and takes away before anything else looks at the page), so
+    /// nothing of the guest's runs. The bytes returned are the page's own.
     fn fetch_at(&mut self, v: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         let hw = hardware_cpl(cpl);
         for _ in 0..MAX_TRAPS_PER_OP {
@@ -415,28 +420,27 @@ impl KvmBackend {
             self.load(v, Self::executor_segments(hw), &regs)
                 .map_err(backend)?;
             let target = self
-                .shadow_translate(v, va)
-                .filter(|&maddr| self.patchable(maddr));
+                .hardware_translate(v, va)
+                .filter(|&maddr| self.m.is_guest_ram(Mfn::new(maddr >> 12)));
             let saved = match target {
-                Some(maddr) => Some((maddr, self.patch(maddr, &[HLT]).map_err(backend)?)),
+                Some(maddr) => Some((maddr, self.patch(maddr, HLT).map_err(backend)?)),
                 None => None,
             };
-            let exit = self.m.run_raw(v);
+            let exit = self.run(v);
             if let Some((maddr, old)) = saved {
-                self.patch(maddr, &[old]).map_err(backend)?;
+                self.patch(maddr, old).map_err(backend)?;
             }
-            match exit.map_err(backend)? {
+            match exit? {
                 RawExit::Exception {
                     vector: GENERAL_PROTECTION,
                     frame,
                     ..
                 } if frame.rip == va && saved.is_some() => {
-                    self.m.exits_mut().fetches += 1;
+                    self.exits().fetches += 1;
                     let maddr = saved.map_or(0, |(m, _)| m);
                     return self
                         .m
-                        .domain()
-                        .host()
+                        .mem()
                         .read_bytes(maddr, buf)
                         .map_err(|e| OpError::Backend(format!("fetch: {e:?}")));
                 }
@@ -445,7 +449,7 @@ impl KvmBackend {
                     frame,
                     ..
                 } => {
-                    let (cr2, outcome) = self.page_fault(v, &frame).map_err(backend)?;
+                    let (cr2, outcome) = self.page_fault(v, &frame)?;
                     match outcome {
                         FaultOutcome::Fixed | FaultOutcome::Spurious => {}
                         FaultOutcome::Propagate(code) => return Err(page_fault(cr2, code.0)),
@@ -475,29 +479,21 @@ impl KvmBackend {
         )))
     }
 
-    /// Whether the VMM may put a byte at machine address `maddr`: guest RAM, never the
-    /// hypervisor's or the shadow pool's frames.
-    fn patchable(&self, maddr: u64) -> bool {
-        let mfn = Mfn::new(maddr >> 12);
-        let d = self.m.domain();
-        !d.hypervisor_frames().any(|f| f == mfn) && !d.pool().contains(mfn)
-    }
-
-    /// Writes `bytes` at `maddr`, returning the first byte that was there.
-    fn patch(&mut self, maddr: u64, bytes: &[u8]) -> Result<u8, KvmError> {
-        let mem = self.m.domain().host();
+    /// Writes `byte` at `maddr`, returning the byte that was there.
+    fn patch(&mut self, maddr: u64, byte: u8) -> Result<u8, KvmError> {
+        let mem = self.m.mem();
         let mut old = [0u8; 1];
         mem.read_bytes(maddr, &mut old)
             .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
-        mem.write_bytes(maddr, bytes)
+        mem.write_bytes(maddr, &[byte])
             .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
         Ok(old[0])
     }
 
     /// The guest's registers as the hardware has them at an exception frame (RSP, RIP and
     /// RFLAGS from the frame, without the single-step flag), in the guest's mode.
-    fn regs_at(&self, v: usize, frame: &ExceptionFrame, like: &Regs) -> Result<Regs, KvmError> {
-        let r = self.m.vcpu(v)?.get_regs()?;
+    fn regs_at(&mut self, v: usize, frame: &ExceptionFrame, like: &Regs) -> Result<Regs, KvmError> {
+        let r = self.m.vm().vcpu(v)?.get_regs()?;
         Ok(Regs {
             gpr: [
                 r.rax, r.rcx, r.rdx, r.rbx, frame.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10,
@@ -550,7 +546,7 @@ impl KvmBackend {
         };
         self.load(v, seg, &hwregs).map_err(backend)?;
         for _ in 0..MAX_TRAPS_PER_OP {
-            let (vector, frame) = match self.m.run_raw(v).map_err(backend)? {
+            let (vector, frame) = match self.run(v)? {
                 RawExit::Io { port, .. } => {
                     return Err(OpError::Backend(format!(
                         "the instruction at {:#x} did I/O to port {port:#x}",
@@ -561,7 +557,7 @@ impl KvmBackend {
             };
             match vector {
                 DEBUG => {
-                    self.m.exits_mut().single_steps += 1;
+                    self.exits().single_steps += 1;
                     *regs = self.regs_at(v, &frame, regs).map_err(backend)?;
                     return Ok(());
                 }
@@ -585,7 +581,7 @@ impl KvmBackend {
         frame: &ExceptionFrame,
         regs: &mut Regs,
     ) -> Result<Next, OpError> {
-        let (cr2, outcome) = self.page_fault(v, frame).map_err(backend)?;
+        let (cr2, outcome) = self.page_fault(v, frame)?;
         match outcome {
             FaultOutcome::Fixed | FaultOutcome::Spurious => Ok(Next::Resume),
             FaultOutcome::Propagate(code) => Ok(Next::Done(Err(page_fault(cr2, code.0)))),
@@ -594,12 +590,10 @@ impl KvmBackend {
             ))))),
             FaultOutcome::Emulate { gpa } => {
                 let mut r = self.regs_at(v, frame, regs).map_err(backend)?;
-                let (outcome, flush) = match self.m.engine(|d| d.emulate(v, &mut r, gpa)) {
+                let Some(outcome) = self.m.emulate(v, &mut r, gpa).map_err(backend)? else {
                     // Out of budget: the instruction runs again, faults again and goes on.
-                    Err(KvmError::Engine(EngineError::Preempted)) => return Ok(Next::Resume),
-                    other => other.map_err(backend)?,
+                    return Ok(Next::Resume);
                 };
-                self.m.settle(flush).map_err(backend)?;
                 Ok(match outcome {
                     EmulateOutcome::Done(_) => {
                         *regs = r;
@@ -622,7 +616,7 @@ impl KvmBackend {
     }
 
     /// A privileged operation: the executor's instruction for it runs at CPL1 and #GPs;
-    /// the VMM recognises it and has the engine carry the operation out.
+    /// the VMM recognises it and carries the operation out.
     fn privileged(
         &mut self,
         v: usize,
@@ -639,7 +633,7 @@ impl KvmBackend {
         };
         self.load(v, Self::executor_segments(1), &regs)
             .map_err(backend)?;
-        match self.m.run_raw(v).map_err(backend)? {
+        match self.run(v)? {
             RawExit::Exception {
                 vector: GENERAL_PROTECTION,
                 frame,
@@ -657,75 +651,20 @@ impl KvmBackend {
                 ));
             }
         }
-        self.m.exits_mut().privileged += 1;
-        match op {
-            Privileged::Control => {
-                self.engine_op(|d| d.set_control(v, ctl).map(|()| shadow2::Flush::NONE))?;
-                self.control_op(|d| d.update_paging_modes(v))
-            }
-            Privileged::Cr3 => {
-                self.engine_op(|d| d.set_control(v, ctl).map(|()| shadow2::Flush::NONE))?;
-                self.control_op(|d| d.update_cr3(v))
-            }
-            Privileged::Invlpg => {
-                let needed = self
-                    .m
-                    .engine(|d| d.invlpg(v, Gva::new(rax)))
-                    .map_err(backend)?;
-                if needed {
-                    // KVM keeps its own copy of the shadows; only a zap drops it.
-                    self.m
-                        .settle(shadow2::Flush::of(shadow2::VcpuSet::one(v)))
-                        .map_err(backend)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    fn engine_op(
-        &mut self,
-        op: impl FnOnce(&mut shadow2::Domain<crate::KvmMemory>) -> Result<shadow2::Flush, EngineError>,
-    ) -> Result<(), OpError> {
-        let flush = self.m.engine(op).map_err(backend)?;
-        self.m.settle(flush).map_err(backend)
-    }
-
-    /// A control-register write the engine carries out, called again while it answers
-    /// `Preempted`; a refused one is the guest's #GP.
-    fn control_op(
-        &mut self,
-        mut op: impl FnMut(
-            &mut shadow2::Domain<crate::KvmMemory>,
-        ) -> Result<shadow2::Flush, EngineError>,
-    ) -> Result<(), OpError> {
-        for _ in 0..MAX_TRAPS_PER_OP {
-            match self.m.engine(&mut op) {
-                Ok(flush) => return self.m.settle(flush).map_err(backend),
-                Err(KvmError::Engine(EngineError::Preempted)) => {
-                    self.m.exits_mut().pf_spurious += 1;
-                }
-                Err(KvmError::Engine(EngineError::Guest(GuestFault::GeneralProtection))) => {
-                    return Err(OpError::Fault(Fault::GeneralProtection));
-                }
-                Err(e) => return Err(backend(e)),
-            }
-        }
-        Err(OpError::Backend(
-            "a control-register write made no progress".into(),
-        ))
-    }
-
-    fn guest_control(&self, v: usize) -> ControlState {
-        self.m
-            .domain()
-            .vcpu(v)
-            .map(|c| *c.control())
-            .unwrap_or_default()
+        self.exits().privileged += 1;
+        self.m.privileged(v, op, rax, ctl)
     }
 }
 
-impl GuestOps for KvmBackend {
+impl<P: Paging> Backend<P> {
+    /// Ends a guest operation: the machine's bookkeeping after it, then its result.
+    fn finish(&mut self, result: Result<(), OpError>) -> Result<(), OpError> {
+        self.m.after_op().map_err(backend)?;
+        result
+    }
+}
+
+impl<P: Paging> GuestOps for Backend<P> {
     fn vcpus(&self) -> usize {
         self.segments.len()
     }
@@ -747,37 +686,42 @@ impl GuestOps for KvmBackend {
         if data.is_empty() {
             return Ok(());
         }
-        self.m.write_guest(Gpa::new(gpa), data).map_err(backend)
+        self.m.load_image(Gpa::new(gpa), data).map_err(backend)
     }
 
     fn read(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "load")?;
         self.ops += 1;
-        self.copy(vcpu, va, cpl, Some(buf), &[])
+        let result = self.copy(vcpu, va, cpl, Some(buf), &[]);
+        self.finish(result)
     }
 
     fn write(&mut self, vcpu: usize, va: u64, cpl: u8, data: &[u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, data.len(), "store")?;
         self.ops += 1;
-        self.copy(vcpu, va, cpl, None, data)
+        let result = self.copy(vcpu, va, cpl, None, data);
+        self.finish(result)
     }
 
     fn fetch(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "fetch")?;
         self.ops += 1;
-        self.fetch_at(vcpu, va, cpl, buf)
+        let result = self.fetch_at(vcpu, va, cpl, buf);
+        self.finish(result)
     }
 
     fn exec(&mut self, vcpu: usize, regs: &mut Regs) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         self.ops += 1;
-        self.exec_one(vcpu, regs)
+        let result = self.exec_one(vcpu, regs);
+        self.finish(result)
     }
 
     fn set_control(&mut self, vcpu: usize, ctl: ControlState) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         self.ops += 1;
-        self.privileged(vcpu, Privileged::Control, ctl.cr0 & cr::CR0_PG, ctl)
+        let result = self.privileged(vcpu, Privileged::Control, ctl.cr0, ctl);
+        self.finish(result)
     }
 
     fn set_cr3(&mut self, vcpu: usize, cr3: u64) -> Result<(), OpError> {
@@ -785,17 +729,86 @@ impl GuestOps for KvmBackend {
         self.ops += 1;
         let ctl = ControlState {
             cr3,
-            ..self.guest_control(vcpu)
+            ..self.m.guest_control(vcpu)
         };
-        self.privileged(vcpu, Privileged::Cr3, cr3, ctl)
+        let result = self.privileged(vcpu, Privileged::Cr3, cr3, ctl);
+        self.finish(result)
     }
 
     fn invlpg(&mut self, vcpu: usize, va: u64) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         self.ops += 1;
-        let ctl = self.guest_control(vcpu);
-        self.privileged(vcpu, Privileged::Invlpg, va, ctl)
+        let ctl = self.m.guest_control(vcpu);
+        let result = self.privileged(vcpu, Privileged::Invlpg, va, ctl);
+        self.finish(result)
     }
+}
 
-    fn event(&mut self, _event: Event) {}
+/// Implements [`GuestOps`] and the common inherent methods of a public backend that wraps
+/// a [`Backend`].
+macro_rules! public_backend {
+    ($name:ident) => {
+        impl $name {
+            /// VM exits so far, by kind.
+            pub fn exits(&self) -> $crate::exits::ExitCounts {
+                self.0.machine_exits()
+            }
+
+            /// Guest operations carried out (image loads not counted).
+            pub fn guest_ops(&self) -> u64 {
+                self.0.guest_ops()
+            }
+
+            /// Reads guest-physical memory (to compare a run's final memory with another
+            /// backend's).
+            pub fn read_guest_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), KvmError> {
+                $crate::backend::Paging::read_guest_phys(
+                    self.0.machine(),
+                    shadow2::Gpa::new(gpa),
+                    buf,
+                )
+            }
+        }
+
+        impl shadow2_guest::GuestOps for $name {
+            fn vcpus(&self) -> usize {
+                self.0.vcpus()
+            }
+            fn ram_frames(&self) -> u64 {
+                self.0.ram_frames()
+            }
+            fn load_image(&mut self, gpa: u64, data: &[u8]) -> Result<(), OpError> {
+                self.0.load_image(gpa, data)
+            }
+            fn read(&mut self, v: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
+                self.0.read(v, va, cpl, buf)
+            }
+            fn write(&mut self, v: usize, va: u64, cpl: u8, data: &[u8]) -> Result<(), OpError> {
+                self.0.write(v, va, cpl, data)
+            }
+            fn fetch(&mut self, v: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
+                self.0.fetch(v, va, cpl, buf)
+            }
+            fn exec(&mut self, v: usize, regs: &mut Regs) -> Result<(), OpError> {
+                self.0.exec(v, regs)
+            }
+            fn set_control(&mut self, v: usize, ctl: ControlState) -> Result<(), OpError> {
+                self.0.set_control(v, ctl)
+            }
+            fn set_cr3(&mut self, v: usize, cr3: u64) -> Result<(), OpError> {
+                self.0.set_cr3(v, cr3)
+            }
+            fn invlpg(&mut self, v: usize, va: u64) -> Result<(), OpError> {
+                self.0.invlpg(v, va)
+            }
+        }
+    };
+}
+pub(crate) use public_backend;
+
+impl<P: Paging> Backend<P> {
+    /// VM exits so far.
+    pub(crate) fn machine_exits(&self) -> ExitCounts {
+        self.m.vm_ref().exits
+    }
 }

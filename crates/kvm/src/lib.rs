@@ -5,23 +5,27 @@
 //! vcpu on the engine's roots and carries page faults, emulations and flushes between the
 //! hardware and the engine; [`probe`] says what this host can run.
 
-pub mod backend;
+mod backend;
 pub mod executor;
 pub mod exits;
 pub mod hyper;
+pub mod machine;
 pub mod memory;
+pub mod native;
 pub mod probe;
+pub mod shadowed;
 pub mod sregs;
 #[allow(unsafe_code)]
-pub mod vm;
+mod vm;
 #[allow(unsafe_code)]
 mod watchdog;
 
-pub use backend::{KvmBackend, KvmBackendConfig};
 pub use exits::{ExceptionFrame, ExitCounts, GuestExit};
+pub use machine::{KvmConfig, KvmMachine};
 pub use memory::KvmMemory;
+pub use native::NativeBackend;
 pub use probe::{Probe, Unavailable};
-pub use vm::KvmMachine;
+pub use shadowed::{KvmBackend, KvmBackendConfig};
 
 use shadow2::EngineError;
 

@@ -4,10 +4,11 @@
 //! and every counter, must be the same. Where KVM is missing or cannot run the pair, each
 //! test says why and returns.
 
+use shadow2::Gpa;
 use shadow2::paging::PagingLevels;
 use shadow2::remove::TeardownHints;
 use shadow2_guest::{GuestModel, PairName, RunSpec, Workload};
-use shadow2_kvm::{KvmBackend, KvmBackendConfig, Probe};
+use shadow2_kvm::{KvmBackend, KvmBackendConfig, NativeBackend, Probe};
 use shadow2_machine::backend::{SimBackend, SimConfig};
 
 fn probe_for(pair: PairName) -> Option<Probe> {
@@ -66,6 +67,78 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
     );
     eprintln!("sim traps: {:?}", sim.report().traps);
     assert_eq!(on_kvm, on_sim, "the guest saw different results on KVM");
+    let words = differing_words(
+        &spec,
+        |gpa, buf| {
+            sim.machine()
+                .read_phys(Gpa::new(gpa), buf)
+                .expect("sim memory")
+        },
+        |gpa, buf| kvm.read_guest_phys(gpa, buf).expect("kvm memory"),
+    );
+    assert_eq!(words, 0, "final guest memory differs from the simulator's");
+
+    if let Err(why) = NativeBackend::can_run(&spec.paging_levels()) {
+        eprintln!("native skipped: {why}");
+        return;
+    }
+    let mut native = NativeBackend::new(&probe, &config(&spec)).expect("native backend");
+    let started = std::time::Instant::now();
+    let on_native = shadow2_guest::run(&spec, &mut native, &mut |_, _| {}).expect("native run");
+    eprintln!("native: {:?}: {}", started.elapsed(), native.exits());
+    assert_eq!(
+        on_native, on_sim,
+        "the guest saw different results natively"
+    );
+    let words = differing_words(
+        &spec,
+        |gpa, buf| {
+            sim.machine()
+                .read_phys(Gpa::new(gpa), buf)
+                .expect("sim memory")
+        },
+        |gpa, buf| native.read_guest_phys(gpa, buf).expect("native memory"),
+    );
+    assert_eq!(words, 0, "final guest memory differs from native's");
+}
+
+fn config(spec: &RunSpec) -> KvmBackendConfig {
+    KvmBackendConfig {
+        ram_frames: spec.ram_frames(),
+        vcpus: spec.guest.vcpus(),
+        pool_pages: 2048,
+        linear_maps: shadow2_guest::linear_map_hints(spec),
+        teardown: TeardownHints::ALL,
+    }
+}
+
+/// The 8-byte words of guest RAM that differ between two backends (the first few printed).
+fn differing_words(
+    spec: &RunSpec,
+    mut a: impl FnMut(u64, &mut [u8]),
+    mut b: impl FnMut(u64, &mut [u8]),
+) -> u64 {
+    let mut pa = vec![0u8; 4096];
+    let mut pb = vec![0u8; 4096];
+    let mut n = 0;
+    for gfn in 0..spec.ram_frames() {
+        a(gfn << 12, &mut pa);
+        b(gfn << 12, &mut pb);
+        for (i, (x, y)) in pa.chunks_exact(8).zip(pb.chunks_exact(8)).enumerate() {
+            if x != y {
+                if n < 8 {
+                    eprintln!(
+                        "gpa {:#x}: {:02x?} vs {:02x?}",
+                        (gfn << 12) + 8 * i as u64,
+                        x,
+                        y
+                    );
+                }
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 #[test]

@@ -38,8 +38,8 @@ use shadow2::multi::FaultOutcome;
 use shadow2::p2m::{P2m, P2mType};
 use shadow2::paging::bits;
 use shadow2::paging::{
-    Access, AccessKind, AdUpdate, ControlState, CpuFeatures, FourLevel, MemError, PhysMem,
-    Privilege, WalkEnv, walk_mode,
+    Access, AccessKind, AdUpdate, ControlState, CpuFeatures, Exchange, FourLevel, MemError,
+    PhysMem, Privilege, WalkEnv, walk_mode,
 };
 use shadow2_machine::memory::{GuestPhysView, SparseMemory};
 
@@ -79,6 +79,22 @@ impl PhysMem<Gpa> for P2mView<'_> {
         Err(MemError::ReadOnly { addr: addr.raw() })
     }
     fn write_u64(&mut self, addr: Gpa, _value: u64) -> Result<(), MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        _: u32,
+        _: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        _: u64,
+        _: u64,
+    ) -> Result<Exchange<u64>, MemError> {
         Err(MemError::ReadOnly { addr: addr.raw() })
     }
 }

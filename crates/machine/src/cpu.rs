@@ -621,6 +621,9 @@ impl Cpu {
             }
             WalkFault::GeneralProtection => CpuFault::GeneralProtection,
             WalkFault::Memory(e) => CpuFault::Memory(e),
+            // The simulated CPU is the only writer of the tables it walks, so its walk never
+            // loses a race; should it, the access could not be done atomically.
+            WalkFault::Contended => CpuFault::Memory(MemError::NotAtomic { addr: va.raw() }),
         }
     }
 

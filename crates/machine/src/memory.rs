@@ -9,8 +9,10 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use shadow2::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
-use shadow2::host::MachineMemory;
-use shadow2::paging::{MemError, PhysMem};
+use shadow2::host::{MachineMemory, serial_compare_exchange_u128};
+use shadow2::paging::{
+    Exchange, MemError, PhysMem, serial_compare_exchange_u32, serial_compare_exchange_u64,
+};
 
 /// 8-byte words per 4 KiB frame.
 const WORDS_PER_FRAME: usize = 512;
@@ -270,6 +272,25 @@ impl PhysMem<Maddr> for SparseMemory {
         self.set_word(mfn, index, value);
         Ok(())
     }
+
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
+    }
 }
 
 impl MachineMemory for SparseMemory {
@@ -281,6 +302,15 @@ impl MachineMemory for SparseMemory {
 
     fn free_block(&mut self, first: Mfn, order: u8) {
         self.alloc.free(first.raw(), order);
+    }
+
+    fn compare_exchange_u128(
+        &mut self,
+        addr: Maddr,
+        current: u128,
+        new: u128,
+    ) -> Result<Exchange<u128>, MemError> {
+        serial_compare_exchange_u128(self, addr, current, new)
     }
 
     fn zero_frame(&mut self, mfn: Mfn) -> Result<(), MemError> {
@@ -647,6 +677,7 @@ fn in_guest_space(error: MemError, gpa: Gpa) -> MemError {
         MemError::Unbacked { .. } => MemError::Unbacked { addr },
         MemError::Misaligned { .. } => MemError::Misaligned { addr },
         MemError::ReadOnly { .. } => MemError::ReadOnly { addr },
+        MemError::NotAtomic { .. } => MemError::NotAtomic { addr },
     }
 }
 
@@ -678,11 +709,68 @@ where
             .write_u64(ma, value)
             .map_err(|e| in_guest_space(e, addr))
     }
+
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        let ma = self.resolve(addr, 4)?;
+        self.mem
+            .compare_exchange_u32(ma, current, new)
+            .map_err(|e| in_guest_space(e, addr))
+    }
+
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        let ma = self.resolve(addr, 8)?;
+        self.mem
+            .compare_exchange_u64(ma, current, new)
+            .map_err(|e| in_guest_space(e, addr))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparse_lost_compare_exchange_leaves_memory_and_reports_it() {
+        let mut mem = SparseMemory::new(4);
+        let at = Maddr::new(0x1010);
+        mem.write_u64(at, 0xaaaa_bbbb_cccc_dddd).unwrap();
+        mem.write_u64(Maddr::new(0x1018), 9).unwrap();
+        assert_eq!(
+            mem.compare_exchange_u64(at, 1, 2),
+            Ok(Exchange::Lost {
+                actual: 0xaaaa_bbbb_cccc_dddd
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u32(Maddr::new(0x1014), 1, 2),
+            Ok(Exchange::Lost {
+                actual: 0xaaaa_bbbb
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u128(at, 1, 2),
+            Ok(Exchange::Lost {
+                actual: 9 << 64 | 0xaaaa_bbbb_cccc_dddd
+            })
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 0xaaaa_bbbb_cccc_dddd);
+        assert_eq!(mem.read_u64(Maddr::new(0x1018)).unwrap(), 9);
+        assert_eq!(
+            mem.compare_exchange_u64(at, 0xaaaa_bbbb_cccc_dddd, 3),
+            Ok(Exchange::Swapped)
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 3);
+    }
 
     fn ma(raw: u64) -> Maddr {
         Maddr::new(raw)

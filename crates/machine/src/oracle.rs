@@ -7,8 +7,8 @@ use shadow2::domain::{Domain, RefcountMode};
 use shadow2::host::MachineMemory;
 use shadow2::p2m::P2mType;
 use shadow2::paging::{
-    Access, AdUpdate, ControlState, CpuFeatures, MemError, PhysMem, WalkEnv, WalkFault, WalkResult,
-    bits, walk,
+    Access, AdUpdate, ControlState, CpuFeatures, Exchange, MemError, PhysMem, WalkEnv, WalkFault,
+    WalkResult, bits, walk,
 };
 
 /// Guest-physical memory of a domain, read-only (the oracle never writes).
@@ -42,6 +42,22 @@ impl<H: MachineMemory> PhysMem<Gpa> for GuestReadView<'_, H> {
         Err(MemError::ReadOnly { addr: addr.raw() })
     }
     fn write_u64(&mut self, addr: Gpa, _: u64) -> Result<(), MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        _: u32,
+        _: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        _: u64,
+        _: u64,
+    ) -> Result<Exchange<u64>, MemError> {
         Err(MemError::ReadOnly { addr: addr.raw() })
     }
 }
@@ -101,8 +117,9 @@ pub fn expect<H: MachineMemory>(
         Err(f) => match f.fault {
             WalkFault::PageFault(ec) => Expected::PageFault(ec.bits()),
             WalkFault::GeneralProtection => Expected::GeneralProtection,
-            // A guest table in unbacked space reads as not present (the engine's rule).
-            WalkFault::Memory(_) => {
+            // A guest table in unbacked space reads as not present (the engine's rule). A
+            // walk that sets no A/D bits never contends.
+            WalkFault::Memory(_) | WalkFault::Contended => {
                 Expected::PageFault(shadow2::paging::PfErrorCode::for_access(access, ctl).bits())
             }
         },

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
 use shadow2::domain::{Domain, DomainConfig, EmulateOutcome, EngineError, GuestFault};
-use shadow2::emulate::{EmuError, EmuFault, EmuMemory, Regs, emulate_write, page_pieces};
+use shadow2::emulate::{
+    AtomicUpdate, EmuError, EmuFault, EmuMemory, Regs, emulate_write, page_pieces,
+    serial_compare_exchange,
+};
 use shadow2::flush::Flush;
 use shadow2::host::MachineMemory;
 use shadow2::multi::FaultOutcome;
@@ -728,6 +731,15 @@ impl EmuMemory for HwMemory<'_> {
             done += n;
         }
         Ok(())
+    }
+    // Single-threaded: nothing writes between the read and the write.
+    fn compare_exchange(
+        &mut self,
+        va: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<AtomicUpdate, EmuFault> {
+        serial_compare_exchange(self, va, current, new)
     }
 }
 

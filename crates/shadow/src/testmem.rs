@@ -5,8 +5,10 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::addr::{Maddr, Mfn, PAGE_SHIFT};
-use crate::host::MachineMemory;
-use crate::paging::{MemError, PhysMem};
+use crate::host::{MachineMemory, serial_compare_exchange_u128};
+use crate::paging::{
+    Exchange, MemError, PhysMem, serial_compare_exchange_u32, serial_compare_exchange_u64,
+};
 
 /// Machine memory of `frames` frames (mfn 0 .. frames). Words never written read as zero.
 #[derive(Clone, Debug)]
@@ -109,6 +111,25 @@ impl PhysMem<Maddr> for TestMemory {
         self.set_word(index, value);
         Ok(())
     }
+
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
+    }
 }
 
 impl MachineMemory for TestMemory {
@@ -144,6 +165,15 @@ impl MachineMemory for TestMemory {
             None => panic!("free_block({first:?}, order {order}) of a block not handed out"),
         }
     }
+
+    fn compare_exchange_u128(
+        &mut self,
+        addr: Maddr,
+        current: u128,
+        new: u128,
+    ) -> Result<Exchange<u128>, MemError> {
+        serial_compare_exchange_u128(self, addr, current, new)
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +195,37 @@ mod tests {
         assert_eq!(mem.outstanding_frames(), 5);
         mem.limit_allocs(Some(0));
         assert_eq!(mem.alloc_block(0), None);
+    }
+
+    #[test]
+    fn testmem_lost_compare_exchange_leaves_memory_and_reports_it() {
+        let mut mem = TestMemory::new(1);
+        let at = Maddr::new(16);
+        mem.write_u64(at, 0x1111_2222_3333_4444).unwrap();
+        assert_eq!(
+            mem.compare_exchange_u64(at, 5, 6),
+            Ok(Exchange::Lost {
+                actual: 0x1111_2222_3333_4444
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u32(Maddr::new(20), 5, 6),
+            Ok(Exchange::Lost {
+                actual: 0x1111_2222
+            })
+        );
+        assert_eq!(
+            mem.compare_exchange_u128(Maddr::new(16), 5, 6),
+            Ok(Exchange::Lost {
+                actual: 0x1111_2222_3333_4444
+            })
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 0x1111_2222_3333_4444);
+        assert_eq!(
+            mem.compare_exchange_u32(Maddr::new(20), 0x1111_2222, 7),
+            Ok(Exchange::Swapped)
+        );
+        assert_eq!(mem.read_u64(at).unwrap(), 0x0000_0007_3333_4444);
     }
 
     #[test]

@@ -15,7 +15,10 @@
 use shadow2::addr::{Gfn, Gpa, Gva, Maddr};
 use shadow2::audit::audit;
 use shadow2::domain::{DomainConfig, EmulateOutcome};
-use shadow2::emulate::{CodeMode, EmuFault, EmuMemory, Regs, emulate_write, page_pieces};
+use shadow2::emulate::{
+    AtomicUpdate, CodeMode, EmuFault, EmuMemory, Regs, emulate_write, page_pieces,
+    serial_compare_exchange,
+};
 use shadow2::multi::Pair;
 use shadow2::paging::PhysMem;
 use shadow2::paging::{PagingLevels, Privilege, bits, bits::cr};
@@ -171,6 +174,15 @@ impl EmuMemory for FlatMemory<'_> {
         self.check_pages(va, data.len(), 2)?;
         self.writes.push((va, data.len()));
         Ok(())
+    }
+    // Single-threaded: nothing writes between the read and the write.
+    fn compare_exchange(
+        &mut self,
+        va: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<AtomicUpdate, EmuFault> {
+        serial_compare_exchange(self, va, current, new)
     }
 }
 

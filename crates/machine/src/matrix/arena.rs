@@ -3,7 +3,9 @@
 //! words that were touched (a case writes a few entries, so a reset costs a few stores).
 
 use shadow2::addr::Gpa;
-use shadow2::paging::{MemError, PhysMem};
+use shadow2::paging::{
+    Exchange, MemError, PhysMem, serial_compare_exchange_u32, serial_compare_exchange_u64,
+};
 
 /// 8-byte words per 4 KiB page.
 const WORDS_PER_PAGE: usize = 512;
@@ -165,6 +167,23 @@ impl PhysMem<Gpa> for ArenaMem {
         self.store(a, value).ok_or(MemError::Unbacked { addr: a })?;
         self.log_write(a);
         Ok(())
+    }
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
     }
 }
 

@@ -7,6 +7,7 @@ use shadow2::paging::{
     ControlState, CpuFeatures, FourLevel, MemError, PagingLevels, PagingMode, PhysMem, ThreeLevel,
     TwoLevel, load_pae_pdptes,
 };
+use shadow2::paging::{Exchange, serial_compare_exchange_u32, serial_compare_exchange_u64};
 use shadow2::{Gpa, PhysAddr};
 
 /// Flat guest memory: a `Vec<u64>` indexed by address / 8, from address 0. Accesses cost an
@@ -75,6 +76,23 @@ impl PhysMem<Gpa> for ArenaMem {
         let slot = self.slot(a)?;
         self.words[slot] = value;
         Ok(())
+    }
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
     }
 }
 

@@ -296,7 +296,8 @@ impl From<crate::paging::MemError> for EngineError {
         let addr = match e {
             crate::paging::MemError::Unbacked { addr }
             | crate::paging::MemError::Misaligned { addr }
-            | crate::paging::MemError::ReadOnly { addr } => addr,
+            | crate::paging::MemError::ReadOnly { addr }
+            | crate::paging::MemError::NotAtomic { addr } => addr,
         };
         EngineError::Memory { addr }
     }

@@ -28,7 +28,9 @@ use alloc::vec::Vec;
 use super::guest_mem::{FrameCache, FrameMap, GuestMem};
 use super::{Domain, EngineError};
 use crate::addr::{Gpa, Gva, Maddr, Mfn, PAGE_SIZE};
-use crate::emulate::{EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write, page_pieces};
+use crate::emulate::{
+    AtomicUpdate, EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write, page_pieces,
+};
 use crate::flush::Flush;
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
@@ -117,6 +119,9 @@ impl<H: MachineMemory> VcpuMemory<'_, H> {
                     va,
                     code: PfErrorCode::for_access(access, &ctl).bits(),
                 },
+                // Another vcpu keeps rewriting the entries: the emulation is given up, which
+                // unshadows the page so that the guest's retry runs natively.
+                WalkFault::Contended => self.fail(EngineError::Preempted),
             }),
         }
     }
@@ -184,6 +189,29 @@ impl<H: MachineMemory> EmuMemory for VcpuMemory<'_, H> {
                 .push((gpa, bytes.len(), bytes.iter().all(|&b| b == 0)));
         }
         Ok(())
+    }
+    fn compare_exchange(
+        &mut self,
+        va: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<AtomicUpdate, EmuFault> {
+        let len = new.len();
+        let in_one_word = len <= 8 && (va % 8) as usize + len <= 8;
+        let aligned_pair = len == 16 && va.is_multiple_of(16);
+        if current.len() != len || !(in_one_word || aligned_pair) {
+            return Ok(AtomicUpdate::Unsupported);
+        }
+        let gpa = self.translate(va, AccessKind::Write)?;
+        self.require_ram(gpa)?;
+        let update = match self.d.compare_exchange_guest_phys(gpa, current, new) {
+            Ok(update) => update,
+            Err(e) => return Err(self.fail(e)),
+        };
+        if update == AtomicUpdate::Written {
+            self.written.push((gpa, len, new.iter().all(|&b| b == 0)));
+        }
+        Ok(update)
     }
 }
 

@@ -9,7 +9,7 @@ use super::Domain;
 use crate::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SHIFT};
 use crate::host::MachineMemory;
 use crate::p2m::{P2m, P2mType};
-use crate::paging::{MemError, PhysMem};
+use crate::paging::{Exchange, MemError, PhysMem};
 
 /// How guest frames become machine frames.
 #[derive(Clone, Copy, Debug)]
@@ -170,6 +170,32 @@ impl<H: MachineMemory + ?Sized> PhysMem<Gpa> for GuestMem<'_, H> {
         self.host.write_u64(m, value)?;
         self.log(addr, 8);
         Ok(())
+    }
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        let m = self.ram(addr)?;
+        let found = self.host.compare_exchange_u32(m, current, new)?;
+        if found == Exchange::Swapped {
+            self.log(addr, 4);
+        }
+        Ok(found)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        let m = self.ram(addr)?;
+        let found = self.host.compare_exchange_u64(m, current, new)?;
+        if found == Exchange::Swapped {
+            self.log(addr, 8);
+        }
+        Ok(found)
     }
 }
 

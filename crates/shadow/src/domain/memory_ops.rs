@@ -7,11 +7,12 @@ use alloc::vec::Vec;
 
 use super::{Domain, DomainConfig, EngineError};
 use crate::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SIZE};
+use crate::emulate::AtomicUpdate;
 use crate::flush::Flush;
 use crate::host::MachineMemory;
 use crate::multi::Pair;
 use crate::p2m::{P2mEntry, P2mType};
-use crate::paging::PhysMem;
+use crate::paging::{Exchange, MemError, PhysMem};
 
 impl<H: MachineMemory> Domain<H> {
     /// Marks a guest frame dirty (log-dirty mode).
@@ -118,6 +119,37 @@ impl<H: MachineMemory> Domain<H> {
             self.after_guest_write(gpa, bytes.len() as u64)?;
         }
         Ok(())
+    }
+
+    /// Writes `new` at `gpa` if the bytes there are `current`, atomically against vcpus
+    /// running meanwhile, and reflects it into the shadows: the write of an emulated locked
+    /// instruction. The bytes lie in one naturally aligned 8-byte word, or are 16 aligned
+    /// ones (the host may not do those: [`AtomicUpdate::Unsupported`]).
+    pub(crate) fn compare_exchange_guest_phys(
+        &mut self,
+        gpa: Gpa,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<AtomicUpdate, EngineError> {
+        let mfn = self.writable_ram(gpa.gfn())?;
+        let addr = Maddr::new(mfn.base().raw() | gpa.offset());
+        let update = if new.len() == 16 {
+            match self
+                .host
+                .compare_exchange_u128(addr, le_u128(current), le_u128(new))
+            {
+                Ok(Exchange::Swapped) => AtomicUpdate::Written,
+                Ok(Exchange::Lost { .. }) => AtomicUpdate::Lost,
+                Err(MemError::NotAtomic { .. }) => AtomicUpdate::Unsupported,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            exchange_in_word(&mut self.host, addr, current, new)?
+        };
+        if update == AtomicUpdate::Written {
+            self.after_guest_write(gpa, new.len() as u64)?;
+        }
+        Ok(update)
     }
 
     /// The machine frame behind guest frame `gfn` for a write on the guest's behalf: RAM,
@@ -362,6 +394,52 @@ pub(crate) fn write_bytes<M: PhysMem<Maddr> + ?Sized>(
         mem.write_u64(word, new)?;
     }
     Ok(())
+}
+
+/// How many compare-exchanges one update of bytes inside a word tries while only the other
+/// bytes of the word change under it.
+const MAX_WORD_EXCHANGES: usize = 8;
+
+/// Writes `new` at `addr` if the bytes there are `current` (all inside one naturally aligned
+/// 8-byte word), with compare-exchanges of the whole word: a change of the word's other
+/// bytes by another agent is no conflict, and is kept.
+fn exchange_in_word<M: PhysMem<Maddr> + ?Sized>(
+    mem: &mut M,
+    addr: Maddr,
+    current: &[u8],
+    new: &[u8],
+) -> Result<AtomicUpdate, EngineError> {
+    let offset = addr.raw() % 8;
+    let len = new.len() as u64;
+    if current.len() != new.len() || len == 0 || offset + len > 8 {
+        return Err(EngineError::Internal("a compare-exchange across words"));
+    }
+    let word_addr = Maddr::new(addr.raw() - offset);
+    let shift = offset * 8;
+    let mask = u64::MAX >> (64 - 8 * len);
+    let (current, new) = (le_u128(current) as u64, le_u128(new) as u64);
+    let mut word = mem.read_u64(word_addr)?;
+    for _ in 0..MAX_WORD_EXCHANGES {
+        if (word >> shift) & mask != current {
+            return Ok(AtomicUpdate::Lost);
+        }
+        let replaced = (word & !(mask << shift)) | (new << shift);
+        match mem.compare_exchange_u64(word_addr, word, replaced)? {
+            Exchange::Swapped => return Ok(AtomicUpdate::Written),
+            Exchange::Lost { actual } => word = actual,
+        }
+    }
+    // The emulator reads again and retries, a bounded number of times.
+    Ok(AtomicUpdate::Lost)
+}
+
+/// The little-endian value of at most 16 bytes.
+fn le_u128(bytes: &[u8]) -> u128 {
+    bytes
+        .iter()
+        .take(16)
+        .enumerate()
+        .fold(0, |v, (i, &b)| v | (u128::from(b) << (8 * i)))
 }
 
 /// Reads bytes from machine memory.

@@ -10,7 +10,7 @@ use super::operand::{
     Gpr, Width, check_range, gpr_operand, immediate_operand, le_value, memory_operand_address,
     put_le, source_value,
 };
-use super::{EmuError, EmuFault, EmuMemory, Form, Regs, Write, Writes, string};
+use super::{AtomicUpdate, EmuError, EmuFault, EmuMemory, Form, Regs, Write, Writes, string};
 
 /// The arithmetic and logic read-modify-write forms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,25 +171,25 @@ pub(crate) fn execute<M: EmuMemory>(
             let w = data_width(ins)?;
             let reg = gpr_operand(ins, 1)?;
             let va = memory_operand_address(ins, regs, d.asz, 0)?;
-            let old = load_for_write(regs, mem, va, w)?;
             let value = reg.read(regs);
-            store(regs, mem, writes, va, w, value)?;
+            let old = read_modify_write(regs, mem, writes, va, w, true, |_| value)?;
             reg.write(regs, old);
             Ok(())
         }
         Form::Cmpxchg => {
             let w = data_width(ins)?;
-            let src = gpr_operand(ins, 1)?;
+            let src = gpr_operand(ins, 1)?.read(regs);
             let acc = Gpr::new(Regs::RAX, w);
             let va = memory_operand_address(ins, regs, d.asz, 0)?;
-            let old = load_for_write(regs, mem, va, w)?;
             let expected = acc.read(regs);
-            let (_, f) = flags::sub(w, expected, old);
+            let equal = |old: u64| flags::sub(w, expected, old).1 & ZF != 0;
             // The CPU always writes the destination: the new value on success, the old one
             // back on failure.
-            let value = if f & ZF != 0 { src.read(regs) } else { old };
-            store(regs, mem, writes, va, w, value)?;
-            if f & ZF == 0 {
+            let old = read_modify_write(regs, mem, writes, va, w, true, |old| {
+                if equal(old) { src } else { old }
+            })?;
+            let (_, f) = flags::sub(w, expected, old);
+            if !equal(old) {
                 acc.write(regs, old);
             }
             regs.rflags = flags::merge(regs.rflags, f, flags::ARITH);
@@ -201,24 +201,11 @@ pub(crate) fn execute<M: EmuMemory>(
             let w = data_width(ins)?;
             let src = source_value(ins, 1, regs)?;
             let va = memory_operand_address(ins, regs, d.asz, 0)?;
-            let old = load_for_write(regs, mem, va, w)?;
-            let (result, f) = match op {
-                AluOp::Add => flags::add(w, old, src),
-                AluOp::Sub => flags::sub(w, old, src),
-                AluOp::And => {
-                    let r = old & src & w.mask();
-                    (r, flags::logic(w, r))
-                }
-                AluOp::Or => {
-                    let r = (old | src) & w.mask();
-                    (r, flags::logic(w, r))
-                }
-                AluOp::Xor => {
-                    let r = (old ^ src) & w.mask();
-                    (r, flags::logic(w, r))
-                }
-            };
-            store(regs, mem, writes, va, w, result)?;
+            let locked = ins.has_lock_prefix();
+            let old = read_modify_write(regs, mem, writes, va, w, locked, |old| {
+                alu(op, w, old, src).0
+            })?;
+            let (_, f) = alu(op, w, old, src);
             regs.rflags = flags::merge(regs.rflags, f, flags::ARITH);
             Ok(())
         }
@@ -226,14 +213,13 @@ pub(crate) fn execute<M: EmuMemory>(
             let w = data_width(ins)?;
             let (byte_offset, bit) = bit_position(ins, regs, w)?;
             let va = memory_operand_address(ins, regs, d.asz, byte_offset)?;
-            let old = load_for_write(regs, mem, va, w)?;
             let mask = 1u64 << bit;
-            let new = match op {
+            let locked = ins.has_lock_prefix();
+            let old = read_modify_write(regs, mem, writes, va, w, locked, |old| match op {
                 BitOp::Set => old | mask,
                 BitOp::Reset => old & !mask,
                 BitOp::Complement => old ^ mask,
-            };
-            store(regs, mem, writes, va, w, new)?;
+            })?;
             // CF = the old bit; ZF unchanged; OF, SF, AF and PF are undefined and kept.
             let cf = if old & mask != 0 { CF } else { 0 };
             regs.rflags = flags::merge(regs.rflags, cf, CF);
@@ -242,6 +228,87 @@ pub(crate) fn execute<M: EmuMemory>(
         Form::Stos | Form::Movs => Err(EmuError::Unhandled("string form")),
     }?;
     Ok((form, true))
+}
+
+/// The result and flags of an arithmetic or logic form.
+fn alu(op: AluOp, w: Width, old: u64, src: u64) -> (u64, u64) {
+    match op {
+        AluOp::Add => flags::add(w, old, src),
+        AluOp::Sub => flags::sub(w, old, src),
+        AluOp::And => {
+            let r = old & src & w.mask();
+            (r, flags::logic(w, r))
+        }
+        AluOp::Or => {
+            let r = (old | src) & w.mask();
+            (r, flags::logic(w, r))
+        }
+        AluOp::Xor => {
+            let r = (old ^ src) & w.mask();
+            (r, flags::logic(w, r))
+        }
+    }
+}
+
+/// How many times a locked read-modify-write reads its destination again after another
+/// agent wrote it between the read and the compare-exchange.
+const MAX_LOCKED_TRIES: usize = 16;
+
+/// Reads the `w`-wide destination at `va`, writes `modify(old)` there and returns `old`.
+/// `locked`: as one atomic update ([`EmuMemory::compare_exchange`], read again while another
+/// agent wins the race); otherwise a read, then a write.
+#[allow(clippy::too_many_arguments)]
+fn read_modify_write<M: EmuMemory>(
+    regs: &Regs,
+    mem: &mut M,
+    writes: &mut Writes,
+    va: u64,
+    w: Width,
+    locked: bool,
+    modify: impl Fn(u64) -> u64,
+) -> Result<u64, EmuError> {
+    for _ in 0..MAX_LOCKED_TRIES {
+        let old = load_for_write(regs, mem, va, w)?;
+        let new = modify(old);
+        if !locked {
+            store(regs, mem, writes, va, w, new)?;
+            return Ok(old);
+        }
+        let (mut current, mut next) = ([0u8; 8], [0u8; 8]);
+        let n = w.bytes();
+        let (Some(current), Some(next)) = (current.get_mut(..n), next.get_mut(..n)) else {
+            return Err(EmuError::Unhandled("operand size"));
+        };
+        put_le(current, old);
+        put_le(next, new);
+        if exchange_range(regs, mem, writes, va, current, next)? {
+            return Ok(old);
+        }
+    }
+    Err(EmuError::Unhandled("the locked destination kept changing"))
+}
+
+/// Writes `new` at `va` if it still holds `current`, atomically, and records the range:
+/// whether it wrote.
+fn exchange_range<M: EmuMemory>(
+    regs: &Regs,
+    mem: &mut M,
+    writes: &mut Writes,
+    va: u64,
+    current: &[u8],
+    new: &[u8],
+) -> Result<bool, EmuError> {
+    check_range(regs.mode, va, new.len())?;
+    match mem.compare_exchange(va, current, new)? {
+        AtomicUpdate::Written => {
+            writes.push(Write { va, len: new.len() })?;
+            Ok(true)
+        }
+        AtomicUpdate::Lost => Ok(false),
+        AtomicUpdate::Unsupported => Err(EmuError::Unhandled(
+            "a locked access the memory cannot make atomic",
+        )),
+    }
 }
 
 /// The width of the memory operand.
@@ -315,7 +382,8 @@ pub(crate) fn write_range<M: EmuMemory>(
 
 /// CMPXCHG8B (`half` = Dword) and CMPXCHG16B (`half` = Qword): compare rDX:rAX with the
 /// memory operand; if equal, ZF = 1 and rCX:rBX is stored, otherwise ZF = 0 and rDX:rAX is
-/// loaded (the old value is written back, as the CPU does). Other flags are unchanged.
+/// loaded (the old value is written back, as the CPU does). Other flags are unchanged. The
+/// write is one atomic compare-exchange of the whole operand.
 fn cmpxchg_double<M: EmuMemory>(
     ins: &Instruction,
     asz: Width,
@@ -330,36 +398,41 @@ fn cmpxchg_double<M: EmuMemory>(
         return Err(EmuError::Fault(EmuFault::GeneralProtection));
     }
     check_range(regs.mode, va, 2 * n)?;
-    let mut old = [0u8; 16];
-    let old = old
-        .get_mut(..2 * n)
-        .ok_or(EmuError::Unhandled("operand size"))?;
-    mem.read_for_write(va, old)?;
-    let (old_lo, old_hi) = old.split_at(n);
-    let (old_lo, old_hi) = (le_value(old_lo), le_value(old_hi));
-
     let (rax, rdx) = (Gpr::new(Regs::RAX, half), Gpr::new(Regs::RDX, half));
     let (rbx, rcx) = (Gpr::new(Regs::RBX, half), Gpr::new(Regs::RCX, half));
-    let equal = rax.read(regs) == old_lo && rdx.read(regs) == old_hi;
-    let mut new = [0u8; 16];
-    let new = new
-        .get_mut(..2 * n)
-        .ok_or(EmuError::Unhandled("operand size"))?;
-    let (lo, hi) = if equal {
-        (rbx.read(regs), rcx.read(regs))
-    } else {
-        (old_lo, old_hi)
-    };
-    let (new_lo, new_hi) = new.split_at_mut(n);
-    put_le(new_lo, lo);
-    put_le(new_hi, hi);
-    write_range(regs, mem, writes, va, new)?;
-    if equal {
-        regs.rflags |= ZF;
-    } else {
-        regs.rflags &= !ZF;
-        rax.write(regs, old_lo);
-        rdx.write(regs, old_hi);
+    for _ in 0..MAX_LOCKED_TRIES {
+        let mut old = [0u8; 16];
+        let old = old
+            .get_mut(..2 * n)
+            .ok_or(EmuError::Unhandled("operand size"))?;
+        mem.read_for_write(va, old)?;
+        let (old_lo, old_hi) = old.split_at(n);
+        let (old_lo, old_hi) = (le_value(old_lo), le_value(old_hi));
+
+        let equal = rax.read(regs) == old_lo && rdx.read(regs) == old_hi;
+        let mut new = [0u8; 16];
+        let new = new
+            .get_mut(..2 * n)
+            .ok_or(EmuError::Unhandled("operand size"))?;
+        let (lo, hi) = if equal {
+            (rbx.read(regs), rcx.read(regs))
+        } else {
+            (old_lo, old_hi)
+        };
+        let (new_lo, new_hi) = new.split_at_mut(n);
+        put_le(new_lo, lo);
+        put_le(new_hi, hi);
+        if !exchange_range(regs, mem, writes, va, old, new)? {
+            continue;
+        }
+        if equal {
+            regs.rflags |= ZF;
+        } else {
+            regs.rflags &= !ZF;
+            rax.write(regs, old_lo);
+            rdx.write(regs, old_hi);
+        }
+        return Ok(());
     }
-    Ok(())
+    Err(EmuError::Unhandled("the locked destination kept changing"))
 }

@@ -21,10 +21,14 @@
 //! - **Whole ranges.** A write that is misaligned, straddles two entries or crosses into a
 //!   second page is passed to [`EmuMemory::write`] as one range; the domain validates each
 //!   page it touches.
-//! - **Atomicity.** The emulator reads, then writes. LOCKed forms (and XCHG, CMPXCHG*) are
-//!   atomic only if no other agent writes the target in between; the domain layer guarantees
-//!   it (a shadowed page has no writable mapping, so every other vcpu's write to it traps into
-//!   the same serialised path).
+//! - **Atomicity.** Other vcpus may write the target natively meanwhile (a page whose
+//!   writable mappings are still being searched for, a page that is not a page table). Plain
+//!   forms read, then write. LOCKed forms, XCHG and CMPXCHG* write with
+//!   [`EmuMemory::compare_exchange`] from the value they read, and read again when another
+//!   agent wrote the target in between (a bounded number of times, then
+//!   [`EmuError::Unhandled`]); a locked target the memory cannot update atomically (one that
+//!   crosses an aligned 8-byte word, a CMPXCHG16B on a host without 16-byte atomics) is
+//!   [`EmuError::Unhandled`] too, so the guest runs it natively rather than torn.
 //! - **Never panics on guest input.** A decode failure, an unsupported instruction, a register
 //!   form where memory is expected, or a memory operand that is not written, is
 //!   [`EmuError::Unhandled`]: the caller unshadows the page and lets the guest retry natively.
@@ -238,6 +242,51 @@ pub trait EmuMemory {
     /// Writes `data` at `va` (a write access). Every page touched must be checked before any
     /// byte is written: on error, nothing has been written.
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault>;
+
+    /// Writes `new` at `va` if the bytes there are `current` (as long), atomically against
+    /// every other agent writing guest memory (vcpus running on other threads), as
+    /// `lock cmpxchg` does: the write of a locked read-modify-write (LOCK forms, XCHG,
+    /// CMPXCHG*). Checked like [`EmuMemory::write`]. A memory nothing else writes meanwhile
+    /// may use [`serial_compare_exchange`].
+    fn compare_exchange(
+        &mut self,
+        va: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<AtomicUpdate, EmuFault>;
+}
+
+/// What [`EmuMemory::compare_exchange`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AtomicUpdate {
+    /// The destination held the expected bytes and now holds the new ones.
+    Written,
+    /// The destination held other bytes (another agent wrote it): nothing was written.
+    Lost,
+    /// The memory cannot update this destination atomically (it crosses a naturally aligned
+    /// 8-byte word, or is 16 bytes on a host without a 16-byte compare-exchange): nothing
+    /// was written.
+    Unsupported,
+}
+
+/// A compare-exchange made of [`EmuMemory::read_for_write`] and [`EmuMemory::write`]: atomic
+/// only for a memory nothing else writes meanwhile (a single-threaded simulator).
+pub fn serial_compare_exchange<M: EmuMemory + ?Sized>(
+    mem: &mut M,
+    va: u64,
+    current: &[u8],
+    new: &[u8],
+) -> Result<AtomicUpdate, EmuFault> {
+    let mut buf = [0u8; 16];
+    let Some(actual) = buf.get_mut(..current.len()) else {
+        return Ok(AtomicUpdate::Unsupported);
+    };
+    mem.read_for_write(va, actual)?;
+    if actual != current {
+        return Ok(AtomicUpdate::Lost);
+    }
+    mem.write(va, new)?;
+    Ok(AtomicUpdate::Written)
 }
 
 /// A fault to deliver to the guest.

@@ -390,6 +390,8 @@ where
             )),
             // A guest table in unbacked guest-physical space reads as not present.
             WalkFault::Memory(_) => Ok(FaultOutcome::Propagate(guest_ec)),
+            // Another vcpu keeps rewriting the guest's entries: the guest retries.
+            WalkFault::Contended => Ok(FaultOutcome::Spurious),
         }
     }
 

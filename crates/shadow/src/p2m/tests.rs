@@ -6,11 +6,13 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::addr::Gva;
+use crate::host::serial_compare_exchange_u128;
 use crate::paging::bits::cr;
 use crate::paging::{
     Access, AccessKind, AdUpdate, ControlState, CpuFeatures, FourLevel, PfErrorCode, Privilege,
     ThreeLevel, TwoLevel, WalkEnv, WalkFault, WalkResult, load_pae_pdptes, walk_mode,
 };
+use crate::paging::{Exchange, serial_compare_exchange_u32, serial_compare_exchange_u64};
 use crate::testmem::TestMemory;
 
 const FORMATS: [PagingLevels; 3] = [PagingLevels::Two, PagingLevels::Three, PagingLevels::Four];
@@ -165,6 +167,22 @@ impl PhysMem<Maddr> for ScriptedHost {
     fn write_u64(&mut self, _: Maddr, _: u64) -> Result<(), MemError> {
         Ok(())
     }
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
+    }
 }
 
 impl MachineMemory for ScriptedHost {
@@ -175,6 +193,14 @@ impl MachineMemory for ScriptedHost {
     fn free_block(&mut self, first: Mfn, order: u8) {
         assert_eq!(order, 0);
         self.freed.push(first);
+    }
+    fn compare_exchange_u128(
+        &mut self,
+        addr: Maddr,
+        current: u128,
+        new: u128,
+    ) -> Result<Exchange<u128>, MemError> {
+        serial_compare_exchange_u128(self, addr, current, new)
     }
 }
 
@@ -204,6 +230,23 @@ impl PhysMem<Maddr> for FlakyMem {
         }
         self.inner.write_u64(addr, value)
     }
+    // Through its own writes, so that they fail when writes fail.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
+    }
 }
 
 impl MachineMemory for FlakyMem {
@@ -212,6 +255,14 @@ impl MachineMemory for FlakyMem {
     }
     fn free_block(&mut self, first: Mfn, order: u8) {
         self.inner.free_block(first, order)
+    }
+    fn compare_exchange_u128(
+        &mut self,
+        addr: Maddr,
+        current: u128,
+        new: u128,
+    ) -> Result<Exchange<u128>, MemError> {
+        serial_compare_exchange_u128(self, addr, current, new)
     }
 }
 
@@ -234,6 +285,22 @@ impl PhysMem<Maddr> for Counting<'_> {
         Err(MemError::ReadOnly { addr: addr.raw() })
     }
     fn write_u64(&mut self, addr: Maddr, _: u64) -> Result<(), MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        _: u32,
+        _: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        Err(MemError::ReadOnly { addr: addr.raw() })
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        _: u64,
+        _: u64,
+    ) -> Result<Exchange<u64>, MemError> {
         Err(MemError::ReadOnly { addr: addr.raw() })
     }
 }

@@ -9,7 +9,7 @@ use super::bits;
 use super::control::{
     Access, AccessKind, ControlState, CpuFeatures, PagingLevels, PfErrorCode, Privilege,
 };
-use super::memory::{MemError, PhysMem};
+use super::memory::{Exchange, MemError, PhysMem};
 use super::mode::{FourLevel, NoPaging, PageSize, PagingMode, ThreeLevel, TwoLevel};
 use crate::addr::{Gva, PhysAddr};
 
@@ -137,7 +137,19 @@ pub enum WalkFault {
     /// A paging structure lies where the memory view has nothing (not architectural: the
     /// caller decides what the guest sees).
     Memory(MemError),
+    /// Another agent (a vcpu running on another thread) kept changing the entries the walk
+    /// read before their A/D bits could be set, through [`MAX_RACED_WALKS`] walks: no stale
+    /// value was written, and the access is to be retried (a fault answers `Spurious`).
+    Contended,
 }
+
+/// How many times a walk is redone when an entry it read changed before its A/D update (as
+/// the CPU, whose locked A/D update finds the entry changed, walks again).
+pub const MAX_RACED_WALKS: usize = 8;
+
+/// How many compare-exchanges one A/D update tries while only the entry's own A/D bits
+/// change under it (another agent setting or clearing them).
+const MAX_AD_EXCHANGES: usize = 8;
 
 /// A failed walk: the fault, and the entries read before it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,8 +207,28 @@ where
     }
 }
 
-/// Walks the tables of mode `P`, whatever `ctl` says about the mode.
+/// Walks the tables of mode `P`, whatever `ctl` says about the mode. A walk whose A/D
+/// update finds an entry changed since it read it is redone, up to [`MAX_RACED_WALKS`] times.
 pub fn walk_mode<P, A, M>(mem: &mut M, env: WalkEnv<'_>, va: Gva, access: Access) -> WalkResult<A>
+where
+    P: PagingMode,
+    A: PhysAddr,
+    M: PhysMem<A> + ?Sized,
+{
+    let mut walks = 1;
+    loop {
+        match walk_once::<P, A, M>(mem, env, va, access) {
+            Err(failure) if failure.fault == WalkFault::Contended && walks < MAX_RACED_WALKS => {
+                walks += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// One walk; [`WalkFault::Contended`] if an entry changed between its read and its A/D
+/// update.
+fn walk_once<P, A, M>(mem: &mut M, env: WalkEnv<'_>, va: Gva, access: Access) -> WalkResult<A>
 where
     P: PagingMode,
     A: PhysAddr,
@@ -307,9 +339,15 @@ where
             if entry.level == leaf_level && access.is_write() {
                 set |= bits::D;
             }
-            match set_bits(mem, entry.addr, P::ENTRY_BYTES, set) {
-                Ok(v) if entry.level == leaf_level => leaf = v,
-                Ok(_) => {}
+            match set_bits(mem, entry, P::ENTRY_BYTES, set) {
+                Ok(Some(v)) if entry.level == leaf_level => leaf = v,
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(WalkFailure {
+                        fault: WalkFault::Contended,
+                        path,
+                    });
+                }
                 Err(e) => return Err(memory(e, path)),
             }
         }
@@ -366,20 +404,38 @@ fn pkey_denies(access: Access, perms: Perms, pkey: u8, ctl: &ControlState) -> bo
     access_disable || (access.is_write() && write_disable && (access.is_user() || ctl.wp()))
 }
 
-/// ORs `set` into the entry at `addr`, as the CPU's locked A/D update does, and returns the
-/// new value. Re-reading here (rather than reusing the value the walk read) keeps
-/// self-referencing tables right: an earlier update in the same walk may have changed it.
-fn set_bits<A, M>(mem: &mut M, addr: A, bytes: u64, set: u64) -> Result<u64, MemError>
+/// ORs `set` into the entry the walk read as `seen`, with a compare-exchange as the CPU's
+/// locked A/D update, and returns the new value; `None` if the entry changed (beyond its
+/// A/D bits) since the walk read it, or kept changing: the walk is then redone, and nothing
+/// stale was written. Re-reading here (rather than exchanging from the value the walk read)
+/// keeps self-referencing tables right: an earlier update in the same walk may have set
+/// A/D in it.
+fn set_bits<A, M>(
+    mem: &mut M,
+    seen: &PathEntry<A>,
+    bytes: u64,
+    set: u64,
+) -> Result<Option<u64>, MemError>
 where
     A: PhysAddr,
     M: PhysMem<A> + ?Sized,
 {
-    let old = mem.read_entry(addr, bytes)?;
-    let new = old | set;
-    if new != old {
-        mem.write_entry(addr, bytes, new)?;
+    let ad = bits::A | bits::D;
+    let mut current = mem.read_entry(seen.addr, bytes)?;
+    for _ in 0..MAX_AD_EXCHANGES {
+        if current & !ad != seen.value & !ad {
+            return Ok(None);
+        }
+        let new = current | set;
+        if new == current {
+            return Ok(Some(current));
+        }
+        match mem.compare_exchange_entry(seen.addr, bytes, current, new)? {
+            Exchange::Swapped => return Ok(Some(new)),
+            Exchange::Lost { actual } => current = actual,
+        }
     }
-    Ok(new)
+    Ok(None)
 }
 
 /// Why loading CR3 in PAE mode fails.

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::addr::Maddr;
 use crate::host::MachineMemory;
-use crate::paging::{MemError, PhysMem};
+use crate::paging::{Exchange, MemError, PhysMem};
 use crate::testmem::TestMemory;
 
 /// A pool of `chunks` chunks grown from a fresh test memory with room for `host_frames`.
@@ -388,6 +388,22 @@ impl PhysMem<Maddr> for BrokenHost {
     fn write_u64(&mut self, addr: Maddr, _: u64) -> Result<(), MemError> {
         Err(MemError::Unbacked { addr: addr.raw() })
     }
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Maddr,
+        _: u32,
+        _: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        Err(MemError::Unbacked { addr: addr.raw() })
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Maddr,
+        _: u64,
+        _: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        Err(MemError::Unbacked { addr: addr.raw() })
+    }
 }
 
 impl MachineMemory for BrokenHost {
@@ -397,6 +413,14 @@ impl MachineMemory for BrokenHost {
     }
     fn free_block(&mut self, first: Mfn, order: u8) {
         self.freed.push((first, order));
+    }
+    fn compare_exchange_u128(
+        &mut self,
+        addr: Maddr,
+        _: u128,
+        _: u128,
+    ) -> Result<Exchange<u128>, MemError> {
+        Err(MemError::Unbacked { addr: addr.raw() })
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use shadow2::paging::{MemError, PhysMem};
+use shadow2::paging::{
+    Exchange, MemError, PhysMem, serial_compare_exchange_u32, serial_compare_exchange_u64,
+};
 use shadow2::{Gpa, PhysAddr};
 
 /// Sparse guest memory of 8-byte words: only words that were written are backed, so a walk
@@ -50,5 +52,22 @@ impl PhysMem<Gpa> for SparseMem {
         self.word(a, 8)?;
         self.words.insert(a, value);
         Ok(())
+    }
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
     }
 }

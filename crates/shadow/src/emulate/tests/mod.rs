@@ -9,8 +9,9 @@ use alloc::vec::Vec;
 use iced_x86::IcedError;
 use iced_x86::code_asm::CodeAssembler;
 
-use super::{CodeMode, EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write};
+use super::{AtomicUpdate, CodeMode, EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write};
 
+mod atomic;
 mod faults;
 mod forms;
 mod prop;
@@ -38,6 +39,11 @@ pub(super) struct FakeMem {
     pub(super) fetches: Vec<(u64, usize)>,
     pub(super) reads: Vec<(u64, usize)>,
     pub(super) writes: Vec<(u64, usize)>,
+    /// Another agent's write, made once just before the next compare-exchange (a race lost
+    /// between the emulator's read and its write).
+    pub(super) racing_write: Option<(u64, Vec<u8>)>,
+    /// How many compare-exchanges were asked for.
+    pub(super) exchanges: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -148,6 +154,24 @@ impl EmuMemory for FakeMem {
         self.writes.push((va, data.len()));
         self.load(va, data);
         Ok(())
+    }
+    fn compare_exchange(
+        &mut self,
+        va: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<AtomicUpdate, EmuFault> {
+        self.check(va, new.len(), Kind::Write)?;
+        self.exchanges += 1;
+        if let Some((at, bytes)) = self.racing_write.take() {
+            self.load(at, &bytes);
+        }
+        if self.get(va, current.len()) != current {
+            return Ok(AtomicUpdate::Lost);
+        }
+        self.writes.push((va, new.len()));
+        self.load(va, new);
+        Ok(AtomicUpdate::Written)
     }
 }
 

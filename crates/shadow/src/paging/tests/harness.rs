@@ -9,6 +9,7 @@ use crate::paging::{
     PagingMode, PhysMem, Privilege, ThreeLevel, Translation, TwoLevel, WalkEnv, WalkFault,
     WalkResult, load_pae_pdptes, walk,
 };
+use crate::paging::{Exchange, serial_compare_exchange_u32, serial_compare_exchange_u64};
 
 /// The three modes with tables.
 pub const MODES: [PagingLevels; 3] = [PagingLevels::Two, PagingLevels::Three, PagingLevels::Four];
@@ -94,6 +95,23 @@ impl PhysMem<Gpa> for TestMem {
         self.words.insert(a, value);
         self.writes += 1;
         Ok(())
+    }
+    // Single-threaded: nothing can write between the read and the write.
+    fn compare_exchange_u32(
+        &mut self,
+        addr: Gpa,
+        current: u32,
+        new: u32,
+    ) -> Result<Exchange<u32>, MemError> {
+        serial_compare_exchange_u32(self, addr, current, new)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        addr: Gpa,
+        current: u64,
+        new: u64,
+    ) -> Result<Exchange<u64>, MemError> {
+        serial_compare_exchange_u64(self, addr, current, new)
     }
 }
 

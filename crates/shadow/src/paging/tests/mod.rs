@@ -7,6 +7,7 @@ mod error_code;
 mod nx;
 mod pae;
 mod pkeys;
+mod race;
 mod recursive;
 mod reserved;
 mod rights;
