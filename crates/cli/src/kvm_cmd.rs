@@ -62,7 +62,7 @@ fn run_kvm(
         kvmrun::sim_memory(&sim),
         &BTreeSet::new(),
     )?;
-    let vs_native = native::compare_with(probe, spec, &on_kvm, kvmrun::kvm_memory(&kvm))?;
+    let vs_native = native::compare_with(probe, spec, pool, &on_kvm, kvmrun::kvm_memory(&kvm))?;
 
     let mut result = kvmrun::kvm_result(spec, &kvm, &on_kvm);
     let sim_report = sim.report();

@@ -51,7 +51,7 @@ pub fn kvm_backend(probe: &Probe, spec: &RunSpec, pool_pages: usize) -> Result<K
         .map_err(|e| format!("cannot build the KVM machine: {e}"))
 }
 
-fn kvm_config(spec: &RunSpec, pool_pages: usize) -> KvmBackendConfig {
+pub fn kvm_config(spec: &RunSpec, pool_pages: usize) -> KvmBackendConfig {
     KvmBackendConfig {
         ram_frames: spec.ram_frames(),
         vcpus: spec.guest.vcpus(),
