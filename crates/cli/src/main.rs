@@ -1,6 +1,7 @@
 //! The `shadow2` command line: one file per subcommand, dispatched from here.
 
 mod bench;
+mod bench_kvm;
 mod check_shadow;
 mod check_walker;
 mod kvm_cmd;

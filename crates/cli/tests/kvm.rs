@@ -154,3 +154,57 @@ fn a_kvm_run_of_a_guest_native_kvm_cannot_page_names_why_vs_native_is_null() {
     let why = v["native_skipped"].as_str().unwrap();
     assert!(why.contains("2-level"), "{why}");
 }
+
+#[test]
+fn bench_kvm_measures_engine_and_native_and_report_draws_them() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-kvm-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_file = dir.join("bench.json");
+    let _ = std::fs::remove_file(&out_file);
+    let out = shadow2(&[
+        "bench",
+        "--backend",
+        "kvm",
+        "--scale",
+        "0.002",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    if let Some(why) = no_kvm(&out) {
+        eprintln!("skipped: {why}");
+        assert_eq!(stderr(&out).trim().lines().count(), 1);
+        return;
+    }
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("engine/native"), "{text}");
+    let bench: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let rows = bench["kvm"].as_array().unwrap();
+    let workloads: Vec<&str> = rows
+        .iter()
+        .map(|r| r["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(workloads, ["forkwait", "demand"]);
+    for r in rows {
+        let engine = r["engine_wall_s"].as_f64().unwrap();
+        let native = r["native_wall_s"].as_f64().unwrap();
+        assert!(engine > 0.0 && native > 0.0, "{r}");
+        assert!((r["wall_ratio"].as_f64().unwrap() - engine / native).abs() < 1e-9);
+        // Every guest operation ends in at least the executor's exit, on both.
+        assert!(r["engine_exits_per_op"].as_f64().unwrap() >= 1.0, "{r}");
+        assert!(r["native_exits_per_op"].as_f64().unwrap() >= 1.0, "{r}");
+    }
+    let report_dir = dir.join("report");
+    let rep = shadow2(&[
+        "report",
+        "--input",
+        out_file.to_str().unwrap(),
+        "--out",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    for file in ["kvm_wall_ratio.svg", "kvm_exits_per_op.svg", "report.md"] {
+        assert!(report_dir.join(file).exists(), "{file} missing");
+    }
+}
