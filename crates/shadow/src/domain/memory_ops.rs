@@ -385,15 +385,57 @@ pub(crate) fn write_bytes<M: PhysMem<Maddr> + ?Sized>(
     addr: Maddr,
     data: &[u8],
 ) -> Result<(), EngineError> {
-    for (i, byte) in data.iter().enumerate() {
-        let a = addr.raw() + i as u64;
-        let word = Maddr::new(a & !7);
-        let shift = (a & 7) * 8;
-        let old = mem.read_u64(word)?;
-        let new = (old & !(0xffu64 << shift)) | (u64::from(*byte) << shift);
-        mem.write_u64(word, new)?;
+    // Whole aligned words are one store each (another vcpu never sees half of one); the
+    // bytes of a partly covered word are merged into it by compare-exchange, so that a
+    // concurrent write of the word's other bytes is kept.
+    let mut at = addr.raw();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let offset = at % 8;
+        let take = (8 - offset as usize).min(rest.len());
+        let (chunk, tail) = rest.split_at(take);
+        let word = Maddr::new(at - offset);
+        if take == 8 {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            mem.write_u64(word, u64::from_le_bytes(w))?;
+        } else {
+            merge_into_word(mem, word, offset, chunk)?;
+        }
+        at += take as u64;
+        rest = tail;
     }
     Ok(())
+}
+
+/// Compare-exchanges one word may lose to concurrent writers before a partial-word store
+/// gives up (each loss means another agent stored to the same word in the meantime).
+const MAX_MERGE_RACES: usize = 1024;
+
+/// Stores `bytes` at byte `offset` of the aligned word at `word`, keeping its other bytes as
+/// they are at the moment of the store.
+fn merge_into_word<M: PhysMem<Maddr> + ?Sized>(
+    mem: &mut M,
+    word: Maddr,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), EngineError> {
+    let shift = offset * 8;
+    let mask = (u64::MAX >> (64 - 8 * bytes.len() as u64)) << shift;
+    let mut value = [0u8; 8];
+    value[..bytes.len()].copy_from_slice(bytes);
+    let value = u64::from_le_bytes(value) << shift;
+    let mut old = mem.read_u64(word)?;
+    for _ in 0..MAX_MERGE_RACES {
+        let new = (old & !mask) | value;
+        match mem.compare_exchange_u64(word, old, new)? {
+            Exchange::Swapped => return Ok(()),
+            Exchange::Lost { actual } => old = actual,
+        }
+    }
+    Err(EngineError::Internal(
+        "a partial-word store lost every race to other writers",
+    ))
 }
 
 /// How many compare-exchanges one update of bytes inside a word tries while only the other
@@ -454,4 +496,87 @@ pub(crate) fn read_bytes<M: PhysMem<Maddr> + ?Sized>(
         *byte = (word >> ((a & 7) * 8)) as u8;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use core::cell::{Cell, RefCell};
+
+    use alloc::collections::BTreeMap;
+
+    use super::write_bytes;
+    use crate::addr::Maddr;
+    use crate::paging::{Exchange, MemError, PhysMem};
+
+    /// Memory with another agent that stores byte 0xAA at byte 7 of the word at 0, once,
+    /// right after the engine's first read of that word.
+    #[derive(Default)]
+    struct RacingNeighbour {
+        words: RefCell<BTreeMap<u64, u64>>,
+        raced: Cell<bool>,
+        whole_word_writes: usize,
+    }
+
+    impl PhysMem<Maddr> for RacingNeighbour {
+        fn read_u32(&self, addr: Maddr) -> Result<u32, MemError> {
+            let w = self.read_u64(Maddr::new(addr.raw() & !7))?;
+            Ok((w >> ((addr.raw() & 4) * 8)) as u32)
+        }
+        fn read_u64(&self, addr: Maddr) -> Result<u64, MemError> {
+            let mut words = self.words.borrow_mut();
+            let value = words.get(&addr.raw()).copied().unwrap_or(0);
+            if addr.raw() == 0 && !self.raced.replace(true) {
+                words.insert(0, (value & !(0xff << 56)) | (0xaa << 56));
+            }
+            Ok(value)
+        }
+        fn write_u32(&mut self, _: Maddr, _: u32) -> Result<(), MemError> {
+            Err(MemError::NotAtomic { addr: 0 })
+        }
+        fn write_u64(&mut self, addr: Maddr, value: u64) -> Result<(), MemError> {
+            self.whole_word_writes += 1;
+            self.words.borrow_mut().insert(addr.raw(), value);
+            Ok(())
+        }
+        fn compare_exchange_u32(
+            &mut self,
+            _: Maddr,
+            _: u32,
+            _: u32,
+        ) -> Result<Exchange<u32>, MemError> {
+            Err(MemError::NotAtomic { addr: 0 })
+        }
+        fn compare_exchange_u64(
+            &mut self,
+            addr: Maddr,
+            current: u64,
+            new: u64,
+        ) -> Result<Exchange<u64>, MemError> {
+            let mut words = self.words.borrow_mut();
+            let actual = words.get(&addr.raw()).copied().unwrap_or(0);
+            if actual != current {
+                return Ok(Exchange::Lost { actual });
+            }
+            words.insert(addr.raw(), new);
+            Ok(Exchange::Swapped)
+        }
+    }
+
+    #[test]
+    fn a_partial_word_store_keeps_a_concurrent_store_to_the_other_bytes() {
+        let mut mem = RacingNeighbour::default();
+        write_bytes(&mut mem, Maddr::new(1), &[1, 2, 3]).unwrap();
+        let word = mem.words.borrow().get(&0).copied().unwrap_or(0);
+        assert_eq!(word, 0xaa00_0000_0302_0100, "{word:#x}");
+    }
+
+    #[test]
+    fn whole_words_are_stored_whole() {
+        let mut mem = RacingNeighbour::default();
+        mem.raced.set(true);
+        let data: alloc::vec::Vec<u8> = (1..=16).collect();
+        write_bytes(&mut mem, Maddr::new(8), &data).unwrap();
+        assert_eq!(mem.whole_word_writes, 2, "one store per aligned word");
+        assert_eq!(mem.words.borrow().get(&8), Some(&0x0807_0605_0403_0201));
+    }
 }
