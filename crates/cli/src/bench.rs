@@ -2,7 +2,7 @@
 //! measuring traps per guest operation and engine time per trap; writes `bench.json` for
 //! `shadow2 report`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::thread;
@@ -10,9 +10,10 @@ use std::time::Instant;
 
 use shadow2_guest::{GuestModel, RunSpec, Workload};
 
+use crate::bench_kvm;
 use crate::progress;
 use crate::result::{BenchResults, RunResult, bench_table};
-use crate::simrun::{self, MachineOptions};
+use crate::simrun::{self, Backend, MachineOptions};
 
 /// Options of `bench`.
 #[derive(Debug, clap::Args)]
@@ -29,6 +30,10 @@ pub struct Args {
     /// Seed of the guest models' choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Backend: sim (every workload, every pair, in parallel) or kvm (forkwait and demand
+    /// on the engine's shadows and natively under KVM, one after the other).
+    #[arg(long, default_value = "sim")]
+    backend: String,
     /// Where to write the results (read by `shadow2 report`).
     #[arg(long, default_value = "target/shadow2/bench.json")]
     out: PathBuf,
@@ -37,10 +42,37 @@ pub struct Args {
     json: bool,
 }
 
-fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
-    if !(args.scale.is_finite() && args.scale > 0.0 && args.scale <= 1000.0) {
-        return Err(format!("--scale {} is out of range (0, 1000]", args.scale));
+/// `workload`'s default size times `--scale`, at least 1 and at most its largest.
+pub fn scaled_size(workload: Workload, scale: f64) -> Result<u64, String> {
+    if !(scale.is_finite() && scale > 0.0 && scale <= 1000.0) {
+        return Err(format!("--scale {scale} is out of range (0, 1000]"));
     }
+    Ok(((workload.default_size() as f64 * scale).round() as u64).clamp(1, workload.max_size()))
+}
+
+/// The bench results already in `path`, if it holds any this build reads.
+pub fn existing(path: &Path) -> Result<Option<BenchResults>, String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_str::<BenchResults>(&text)
+        .ok()
+        .filter(|b| b.version <= crate::result::BENCH_VERSION))
+}
+
+/// Writes bench results to `path`, creating its directory.
+pub fn write(path: &Path, bench: &BenchResults) -> Result<(), String> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let json = serde_json::to_string(bench).map_err(|e| e.to_string())?;
+    std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
     let guests: Vec<GuestModel> = match &args.guest {
         Some(g) => vec![simrun::parse_guest(g)?],
         None => GuestModel::ALL.to_vec(),
@@ -53,8 +85,7 @@ fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
     for &guest in &guests {
         for &pair in guest.pairs() {
             for &workload in &workloads {
-                let size = ((workload.default_size() as f64 * args.scale).round() as u64)
-                    .clamp(1, workload.max_size());
+                let size = scaled_size(workload, args.scale)?;
                 let spec = RunSpec {
                     guest,
                     workload,
@@ -90,6 +121,25 @@ fn one(spec: &RunSpec) -> Outcome {
 
 /// Runs the bench; exit code 1 if any run found a problem.
 pub fn run(args: &Args) -> Result<ExitCode, String> {
+    match simrun::parse_backend(&args.backend)? {
+        Backend::Sim => {}
+        Backend::Kvm => {
+            return bench_kvm::run(&bench_kvm::Options {
+                scale: args.scale,
+                guest: args.guest.as_deref(),
+                workload: args.workload.as_deref(),
+                seed: args.seed,
+                out: &args.out,
+                json: args.json,
+            });
+        }
+        Backend::Native => {
+            return Err(
+                "bench --backend kvm runs native KVM beside the engine; there is no native-only bench"
+                    .into(),
+            );
+        }
+    }
     let specs = specs(args)?;
     let bar = progress::bar(specs.len() as u64, "bench");
     let next = Mutex::new(0usize);
@@ -128,16 +178,12 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         runs.push(run);
         problems.extend(problem);
     }
-    let bench = BenchResults::new(runs);
-    if let Some(dir) = args.out.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut bench = BenchResults::new(runs);
+    // A KVM bench written to the same file is kept beside the simulator's runs.
+    if let Some(before) = existing(&args.out)? {
+        bench.kvm = before.kvm;
     }
-    let json = serde_json::to_string(&bench).map_err(|e| e.to_string())?;
-    std::fs::write(&args.out, json)
-        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
+    write(&args.out, &bench)?;
     if args.json {
         let mut printed = bench.clone();
         for r in &mut printed.runs {

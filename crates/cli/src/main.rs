@@ -1,8 +1,13 @@
 //! The `shadow2` command line: one file per subcommand, dispatched from here.
 
 mod bench;
+mod bench_kvm;
 mod check_shadow;
 mod check_walker;
+mod kvm_cmd;
+mod kvmrun;
+mod memdiff;
+mod native;
 mod progress;
 mod replay;
 mod report;

@@ -15,7 +15,7 @@ use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::result::{BENCH_VERSION, BenchResults, RunResult, fmt_f64};
+use crate::result::{BENCH_VERSION, BenchResults, KvmBench, RunResult, fmt_f64, fmt_secs};
 
 /// Options of `report`.
 #[derive(Debug, clap::Args)]
@@ -33,6 +33,8 @@ const TRAPS_PER_OP: &str = "traps_per_op.svg";
 const TRAPS_PER_DF: &str = "traps_per_demand_fault.svg";
 const POOL: &str = "pool_occupancy.svg";
 const MARKDOWN: &str = "report.md";
+const KVM_WALL_RATIO: &str = "kvm_wall_ratio.svg";
+const KVM_EXITS_PER_OP: &str = "kvm_exits_per_op.svg";
 
 /// At most this many runs get their own colour and legend entry in the pool plot; the
 /// others are drawn in grey under one entry.
@@ -45,13 +47,33 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
     let bench = load(&args.input)?;
     fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {}", args.out.display(), io_msg(&e)))?;
-    let files: [(&str, String); 4] = [
+    let mut files: Vec<(&str, String)> = Vec::new();
+    if !bench.runs.is_empty() {
+        files.extend(sim_files(&bench)?);
+    }
+    if !bench.kvm.is_empty() {
+        files.extend(kvm_files(&bench.kvm)?);
+    }
+    files.push((MARKDOWN, markdown(&args.input, &bench)));
+    for (name, text) in files {
+        let path = args.out.join(name);
+        fs::write(&path, text)
+            .map_err(|e| format!("cannot write {}: {}", path.display(), io_msg(&e)))?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The simulator's plots.
+fn sim_files(bench: &BenchResults) -> Result<[(&'static str, String); 3], String> {
+    Ok([
         (
             TRAPS_PER_OP,
             bar_chart(
                 &group(&bench.runs, |r| r.traps_per_op),
                 "Traps per guest operation",
                 "traps per guest operation",
+                "guest pair",
             )?,
         ),
         (
@@ -60,18 +82,53 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
                 &group(&bench.runs, |r| r.traps_per_demand_fault),
                 "Traps per demand fault",
                 "traps per demand fault",
+                "guest pair",
             )?,
         ),
         (POOL, pool_chart(&bench.runs)?),
-        (MARKDOWN, markdown(&args.input, &bench)),
-    ];
-    for (name, text) in files {
-        let path = args.out.join(name);
-        fs::write(&path, text)
-            .map_err(|e| format!("cannot write {}: {}", path.display(), io_msg(&e)))?;
-        println!("{}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    ])
+}
+
+/// The KVM bench's plots: engine/native wall time, and exits per guest operation of both,
+/// by workload.
+fn kvm_files(rows: &[KvmBench]) -> Result<[(&'static str, String); 2], String> {
+    let categories: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} ({})", r.workload, r.size))
+        .collect();
+    let ratio = Grouped {
+        categories: categories.clone(),
+        series: vec![format!("{} {}", rows[0].guest, rows[0].pair)],
+        values: vec![rows.iter().map(|r| Some(r.wall_ratio)).collect()],
+    };
+    let exits = Grouped {
+        categories,
+        series: vec!["engine (shadows)".into(), "native".into()],
+        values: vec![
+            rows.iter().map(|r| Some(r.engine_exits_per_op)).collect(),
+            rows.iter().map(|r| Some(r.native_exits_per_op)).collect(),
+        ],
+    };
+    Ok([
+        (
+            KVM_WALL_RATIO,
+            bar_chart(
+                &ratio,
+                "Wall time under KVM: engine's shadows / native",
+                "engine wall time / native wall time",
+                "guest pair",
+            )?,
+        ),
+        (
+            KVM_EXITS_PER_OP,
+            bar_chart(
+                &exits,
+                "VM exits per guest operation under KVM",
+                "VM exits per guest operation",
+                "paging",
+            )?,
+        ),
+    ])
 }
 
 /// Reads and checks the bench results; every error is one line.
@@ -88,7 +145,7 @@ fn load(path: &Path) -> Result<BenchResults, String> {
             bench.version
         ));
     }
-    if bench.runs.is_empty() {
+    if bench.runs.is_empty() && bench.kvm.is_empty() {
         return Err(format!("{} holds no runs {hint}", path.display()));
     }
     Ok(bench)
@@ -237,7 +294,7 @@ fn axis_num(v: f64) -> String {
 }
 
 /// A grouped bar chart of `g`: categories along x ("workload"), one bar per series.
-fn bar_chart(g: &Grouped, title: &str, y_desc: &str) -> Result<String, String> {
+fn bar_chart(g: &Grouped, title: &str, y_desc: &str, legend_title: &str) -> Result<String, String> {
     let err = |e: DrawingAreaErrorKind<std::io::Error>| format!("cannot draw {title}: {e}");
     let ncat = g.categories.len().max(1);
     let nser = g.series.len().max(1);
@@ -327,7 +384,7 @@ fn bar_chart(g: &Grouped, title: &str, y_desc: &str) -> Result<String, String> {
             .enumerate()
             .map(|(i, s)| (s.clone(), colour(i)))
             .collect();
-        legend(&right, "guest pair", &entries)?;
+        legend(&right, legend_title, &entries)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -474,23 +531,73 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
-/// The Markdown summary: a table of the runs, the extremes, the mismatches, the plots.
+/// The Markdown summary: a table of the runs, the extremes, the mismatches, the plots;
+/// then the KVM bench, if there is one.
 fn markdown(input: &Path, bench: &BenchResults) -> String {
-    let runs = &bench.runs;
     let mut md = String::new();
     let _ = writeln!(md, "# shadow2 bench report\n");
+    if !bench.runs.is_empty() {
+        sim_markdown(&mut md, input, bench);
+    }
+    if !bench.kvm.is_empty() {
+        kvm_markdown(&mut md, input, &bench.kvm);
+    }
+    md
+}
+
+/// The KVM bench: a table per workload and its plots.
+fn kvm_markdown(md: &mut String, input: &Path, rows: &[KvmBench]) {
     let _ = writeln!(
         md,
+        "## Under KVM: the engine's shadows against native paging\n\n{} workloads from `{}`, each run on the engine's shadows and natively in the same bench.\n",
+        rows.len(),
+        input.display()
+    );
+    let _ = writeln!(
+        md,
+        "| guest | workload | pair | size | guest ops | engine wall | native wall | engine/native | engine exits/op | native exits/op |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(&r.guest),
+            cell(&r.workload),
+            cell(&r.pair),
+            r.size,
+            r.guest_ops,
+            fmt_secs(r.engine_wall_s),
+            fmt_secs(r.native_wall_s),
+            fmt_f64(r.wall_ratio),
+            fmt_f64(r.engine_exits_per_op),
+            fmt_f64(r.native_exits_per_op)
+        );
+    }
+    md.push('\n');
+    for (file, what) in [
+        (KVM_WALL_RATIO, "Wall time, engine / native"),
+        (KVM_EXITS_PER_OP, "VM exits per guest operation"),
+    ] {
+        let _ = writeln!(md, "![{what}]({file})\n");
+    }
+}
+
+/// The simulator's runs.
+fn sim_markdown(md: &mut String, input: &Path, bench: &BenchResults) {
+    let runs = &bench.runs;
+    let _ = writeln!(
+        *md,
         "{} runs from `{}` (bench results version {}).\n",
         runs.len(),
         input.display(),
         bench.version
     );
     let _ = writeln!(
-        md,
+        *md,
         "| guest | workload | pair | guest ops | traps/op | traps/demand fault | µs/trap | mismatches |"
     );
-    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(*md, "|---|---|---|---:|---:|---:|---:|---:|");
     for r in runs {
         let _ = writeln!(
             md,
@@ -526,17 +633,17 @@ fn markdown(input: &Path, bench: &BenchResults) -> String {
     let violations: u64 = runs.iter().map(|r| r.audit_violations).sum();
     let with_mismatches = runs.iter().filter(|r| r.oracle_mismatches > 0).count();
     let _ = writeln!(
-        md,
+        *md,
         "- Oracle mismatches: {mismatches} in total ({with_mismatches} of {} runs); audit violations: {violations}.",
         runs.len()
     );
-    let _ = writeln!(md, "\n## Plots\n");
+    let _ = writeln!(*md, "\n## Plots\n");
     for (file, what) in [
         (TRAPS_PER_OP, "Traps per guest operation"),
         (TRAPS_PER_DF, "Traps per demand fault"),
         (POOL, "Shadow pool occupancy"),
     ] {
-        let _ = writeln!(md, "- [{what}]({file})");
+        let _ = writeln!(*md, "- [{what}]({file})");
     }
     md.push('\n');
     for (file, what) in [
@@ -544,9 +651,8 @@ fn markdown(input: &Path, bench: &BenchResults) -> String {
         (TRAPS_PER_DF, "Traps per demand fault"),
         (POOL, "Shadow pool occupancy"),
     ] {
-        let _ = writeln!(md, "![{what}]({file})\n");
+        let _ = writeln!(*md, "![{what}]({file})\n");
     }
-    md
 }
 
 #[cfg(test)]
@@ -612,6 +718,52 @@ mod tests {
         assert_eq!(axis_num(9000.0), "9000");
         assert_eq!(axis_num(250_000.0), "250k");
         assert_eq!(axis_num(1_234_567.0), "1.235M");
+    }
+
+    fn kvm_row(workload: &str, ratio: f64, engine: f64, native: f64) -> KvmBench {
+        KvmBench {
+            guest: "linux64".into(),
+            workload: workload.into(),
+            pair: "4on4".into(),
+            size: 2,
+            wall_ratio: ratio,
+            engine_exits_per_op: engine,
+            native_exits_per_op: native,
+            ..KvmBench::default()
+        }
+    }
+
+    #[test]
+    fn a_kvm_bench_is_drawn_by_workload_with_both_exit_rates() {
+        let rows = [
+            kvm_row("forkwait", 2.5, 1.25, 1.0),
+            kvm_row("demand", 0.75, 1.5, 1.0),
+        ];
+        let [(ratio_file, ratio_svg), (exits_file, exits_svg)] = kvm_files(&rows).unwrap();
+        assert_eq!((ratio_file, exits_file), (KVM_WALL_RATIO, KVM_EXITS_PER_OP));
+        for label in ["forkwait (2)", "demand (2)", "2.5", "0.75"] {
+            assert!(ratio_svg.contains(label), "{label} missing");
+        }
+        for label in ["engine (shadows)", "native", "1.25", "1.5"] {
+            assert!(exits_svg.contains(label), "{label} missing");
+        }
+    }
+
+    #[test]
+    fn the_markdown_has_a_kvm_section_only_when_there_is_a_kvm_bench() {
+        let sim_only = BenchResults::new(vec![run("linux64", "forkwait", "4on4", 8, 1.0)]);
+        let md = markdown(Path::new("b.json"), &sim_only);
+        assert!(
+            md.contains("traps_per_op.svg") && !md.contains("Under KVM"),
+            "{md}"
+        );
+        let kvm_only = BenchResults {
+            kvm: vec![kvm_row("forkwait", 2.5, 1.25, 1.0)],
+            ..BenchResults::new(Vec::new())
+        };
+        let md = markdown(Path::new("b.json"), &kvm_only);
+        assert!(md.contains("Under KVM") && md.contains("| 2.500 |"), "{md}");
+        assert!(!md.contains("traps_per_op.svg"), "{md}");
     }
 
     #[test]

@@ -93,6 +93,30 @@ pub struct RunResult {
     /// Pool pages in use over the run: (guest operations so far, pool pages in use).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pool_series: Vec<(u64, u64)>,
+    /// KVM runs only: VM exits by kind (`ExitCounts::by_kind`, `total` included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_exits: Option<BTreeMap<String, u64>>,
+    /// KVM runs only: VM exits (`vm_exits.total`) per guest operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exits_per_op: Option<f64>,
+    /// KVM runs only: how this run's guest-visible results differ from other backends'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub differences: Option<Differences>,
+    /// KVM runs only: why the native comparison was not made (`differences.vs_native` is
+    /// null then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_skipped: Option<String>,
+}
+
+/// Differences between one run and the same guest on another backend: operations whose
+/// outcome differs (plus the difference in their number) and 8-byte words of final guest
+/// memory that differ. `None` (null) where the comparison was not made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Differences {
+    /// Against the simulator.
+    pub vs_sim: Option<u64>,
+    /// Against native KVM (the guest's own tables, no engine).
+    pub vs_native: Option<u64>,
 }
 
 /// What `shadow2 bench` writes (`target/shadow2/bench.json`) and `shadow2 report` reads.
@@ -102,6 +126,44 @@ pub struct BenchResults {
     pub version: u32,
     /// The runs, in the order they ran.
     pub runs: Vec<RunResult>,
+    /// `shadow2 bench --backend kvm`: engine-KVM against native-KVM, per workload. Absent
+    /// from files written before it existed, and from sim-only benches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kvm: Vec<KvmBench>,
+}
+
+/// One workload run on the engine's shadows under KVM and natively under KVM, one after the
+/// other in the same `shadow2 bench --backend kvm`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KvmBench {
+    /// The guest OS model's name.
+    pub guest: String,
+    /// The workload's name.
+    pub workload: String,
+    /// The guest-on-shadow pair of the engine's run.
+    pub pair: String,
+    /// The workload's size parameter.
+    pub size: u64,
+    /// The seed of both runs.
+    pub seed: u64,
+    /// Guest operations of the engine's run (the native run does the same ones).
+    pub guest_ops: u64,
+    /// Seconds of wall-clock time on the engine's shadows.
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub engine_wall_s: f64,
+    /// Seconds of wall-clock time natively.
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub native_wall_s: f64,
+    /// `engine_wall_s / native_wall_s`.
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub wall_ratio: f64,
+    /// VM exits per guest operation on the engine's shadows.
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub engine_exits_per_op: f64,
+    /// VM exits per guest operation natively.
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub native_exits_per_op: f64,
 }
 
 impl BenchResults {
@@ -111,6 +173,7 @@ impl BenchResults {
         Self {
             version: BENCH_VERSION,
             runs,
+            kvm: Vec::new(),
         }
     }
 }
@@ -363,7 +426,7 @@ pub fn fmt_f64(x: f64) -> String {
 }
 
 /// Seconds, to the millisecond (or the microsecond under a second).
-fn fmt_secs(s: f64) -> String {
+pub fn fmt_secs(s: f64) -> String {
     let s = if s.is_finite() { s } else { 0.0 };
     if s >= 1.0 {
         format!("{s:.3} s")
@@ -541,6 +604,56 @@ mod tests {
         assert!(lines[2].contains("bsd") && lines[2].ends_with('3'));
         assert_eq!(width(lines[1]), width(lines[2]), "{t}");
         assert_eq!(width(lines[0]), width(lines[1]), "{t}");
+    }
+
+    #[test]
+    fn a_sim_run_has_none_of_the_kvm_keys() {
+        let v = serde_json::to_value(sample()).unwrap();
+        for key in ["vm_exits", "exits_per_op", "differences", "native_skipped"] {
+            assert!(v.get(key).is_none(), "{key} in {v}");
+        }
+    }
+
+    #[test]
+    fn kvm_keys_round_trip_and_a_comparison_not_made_is_null() {
+        let mut r = sample();
+        r.vm_exits = Some(BTreeMap::from([("total".to_string(), 9)]));
+        r.exits_per_op = Some(1.5);
+        r.differences = Some(Differences {
+            vs_sim: Some(0),
+            vs_native: None,
+        });
+        r.native_skipped = Some("2-level guest".into());
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["differences"]["vs_sim"], 0);
+        assert!(v["differences"]["vs_native"].is_null());
+        assert_eq!(v["vm_exits"]["total"], 9);
+        let back: RunResult = serde_json::from_value(v).unwrap();
+        assert_eq!(back.differences, r.differences);
+        assert_eq!(back.vm_exits, r.vm_exits);
+        assert_eq!(back.native_skipped, r.native_skipped);
+    }
+
+    #[test]
+    fn bench_files_without_a_kvm_section_still_load() {
+        let old = r#"{"version":1,"runs":[{"workload":"forkwait","traps_per_op":0.5}]}"#;
+        let b: BenchResults = serde_json::from_str(old).unwrap();
+        assert_eq!(b.runs.len(), 1);
+        assert!(b.kvm.is_empty());
+        // And a sim-only bench is written without one.
+        assert!(!serde_json::to_string(&b).unwrap().contains("kvm"));
+        let with = BenchResults {
+            kvm: vec![KvmBench {
+                workload: "demand".into(),
+                wall_ratio: 1.5,
+                ..KvmBench::default()
+            }],
+            ..b
+        };
+        let back: BenchResults =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back.kvm.len(), 1);
+        assert_eq!(back.kvm[0].wall_ratio, 1.5);
     }
 
     #[test]

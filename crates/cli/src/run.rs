@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use shadow2_guest::trace::{Recorder, TraceHeader};
 
+use crate::kvm_cmd;
 use crate::progress;
-use crate::simrun::{self, MachineOptions};
+use crate::simrun::{self, Backend, MachineOptions};
 
 /// Options of `run`.
 #[derive(Debug, clap::Args)]
@@ -25,7 +26,8 @@ pub struct Args {
     /// Paging pair GonS (default: the guest's first).
     #[arg(long)]
     pair: Option<String>,
-    /// Backend: sim (kvm and native need the KVM backend).
+    /// Backend: sim; kvm (the engine's shadows on KVM vcpus) or native (the guest's own
+    /// tables under KVM), each compared with the other backends.
     #[arg(long, default_value = "sim")]
     backend: String,
     /// Workload size (rounds, MiB, switches or jobs; default per workload).
@@ -47,7 +49,7 @@ pub struct Args {
 
 /// Runs it; exit code 1 if the oracle, the auditor or the guest found anything wrong.
 pub fn run(args: &Args) -> Result<ExitCode, String> {
-    simrun::check_backend(&args.backend)?;
+    let backend = simrun::parse_backend(&args.backend)?;
     let spec = simrun::resolve_spec(
         args.guest.as_deref(),
         &args.workload,
@@ -56,6 +58,12 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         args.seed,
     )?;
     let pool_pages = args.pool_pages.map(simrun::check_pool_pages).transpose()?;
+    if backend != Backend::Sim {
+        if args.record.is_some() {
+            return Err("--record works with --backend sim only".into());
+        }
+        return kvm_cmd::run(backend, &spec, pool_pages, args.json);
+    }
     let opts = MachineOptions {
         pool_pages,
         sample_every: 0,

@@ -11,19 +11,51 @@ use shadow2_machine::backend::{SimBackend, SimConfig, SimReport};
 
 use crate::result::RunResult;
 
-/// The backends `--backend` names, and whether this build has them.
+/// The backends `--backend` names.
 pub const BACKENDS: [&str; 3] = ["sim", "kvm", "native"];
 
-/// Checks a `--backend` value: only `sim` exists today.
-pub fn check_backend(name: &str) -> Result<(), String> {
+/// A `--backend` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The simulated machine.
+    Sim,
+    /// KVM vcpus on the engine's shadows.
+    Kvm,
+    /// KVM vcpus on the guest's own tables (no engine).
+    Native,
+}
+
+impl Backend {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sim => "sim",
+            Backend::Kvm => "kvm",
+            Backend::Native => "native",
+        }
+    }
+}
+
+/// Parses a `--backend` value.
+pub fn parse_backend(name: &str) -> Result<Backend, String> {
     match name {
-        "sim" => Ok(()),
-        "kvm" | "native" => Err(format!(
-            "backend {name} is not available: this build has no KVM backend yet (use --backend sim)"
-        )),
+        "sim" => Ok(Backend::Sim),
+        "kvm" => Ok(Backend::Kvm),
+        "native" => Ok(Backend::Native),
         other => Err(format!(
             "unknown backend {other:?} (one of {})",
             BACKENDS.join(", ")
+        )),
+    }
+}
+
+/// Checks the backend a trace was recorded on: traces replay on the simulator only.
+pub fn check_backend(name: &str) -> Result<(), String> {
+    match parse_backend(name)? {
+        Backend::Sim => Ok(()),
+        other => Err(format!(
+            "backend {} cannot replay traces (recorded with --backend sim only)",
+            other.name()
         )),
     }
 }

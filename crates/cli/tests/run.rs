@@ -133,7 +133,6 @@ fn user_errors_are_one_line_and_fail() {
         &["run", "--pair", "5on5"],
         &["run", "--size", "0"],
         &["run", "--workload", "demand", "--size", "100000"],
-        &["run", "--backend", "kvm"],
         &["run", "--backend", "qemu"],
         &["run", "--pool-pages", "18446744073709551615"],
         &["run", "--pool-pages", "262145"],

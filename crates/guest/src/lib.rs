@@ -6,6 +6,7 @@
 pub mod counting;
 pub mod kernel;
 pub mod ops;
+pub mod outcomes;
 mod rng;
 pub mod spec;
 pub mod trace;
