@@ -84,9 +84,6 @@ fn a_kvm_run_reports_exits_by_kind_and_both_comparisons() {
 }
 
 #[test]
-#[ignore = "kvm backend bug: a single-stepped REP STOS/MOVS that KVM completes returns from \
-            exec with RIP still at the instruction and RFLAGS.RF set (Backend::exec_one \
-            stops at the first #DB, which comes between iterations)"]
 fn forkwait_4on4_on_kvm_agrees_with_the_simulator_and_native_kvm() {
     let Some((out, v)) = kvm_json(&FORKWAIT_4ON4) else {
         return;

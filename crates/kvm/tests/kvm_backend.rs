@@ -7,6 +7,7 @@
 use shadow2::Gpa;
 use shadow2::paging::PagingLevels;
 use shadow2::remove::TeardownHints;
+use shadow2_guest::outcomes::{Outcomes, differences, first_difference};
 use shadow2_guest::{GuestModel, PairName, RunSpec, Workload};
 use shadow2_kvm::{KvmBackend, KvmBackendConfig, NativeBackend, Probe};
 use shadow2_machine::backend::{SimBackend, SimConfig};
@@ -43,22 +44,32 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
     cfg.linear_maps = hints.clone();
     cfg.teardown = TeardownHints::ALL;
     let pool_pages = cfg.pool_pages;
-    let mut sim = SimBackend::new(cfg).expect("sim");
+    let mut sim = Outcomes::new(SimBackend::new(cfg).expect("sim"));
     let on_sim = shadow2_guest::run(&spec, &mut sim, &mut |_, _| {}).expect("sim run");
+    let (sim, sim_ops) = sim.into_parts();
 
-    let mut kvm = KvmBackend::new(
-        &probe,
-        &KvmBackendConfig {
-            ram_frames: spec.ram_frames(),
-            vcpus: guest.vcpus(),
-            pool_pages,
-            linear_maps: hints,
-            teardown: TeardownHints::ALL,
-        },
-    )
-    .expect("kvm backend");
+    let mut kvm = Outcomes::new(
+        KvmBackend::new(
+            &probe,
+            &KvmBackendConfig {
+                ram_frames: spec.ram_frames(),
+                vcpus: guest.vcpus(),
+                pool_pages,
+                linear_maps: hints,
+                teardown: TeardownHints::ALL,
+            },
+        )
+        .expect("kvm backend"),
+    );
     let started = std::time::Instant::now();
     let on_kvm = shadow2_guest::run(&spec, &mut kvm, &mut |_, _| {}).expect("kvm run");
+    let (kvm, kvm_ops) = kvm.into_parts();
+    assert_eq!(
+        first_difference(&sim_ops, &kvm_ops),
+        None,
+        "guest operations that saw different results on KVM: {}",
+        differences(&sim_ops, &kvm_ops)
+    );
     eprintln!(
         "{} ops in {:?}: {}",
         on_kvm.guest_ops,
@@ -82,9 +93,16 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
         eprintln!("native skipped: {why}");
         return;
     }
-    let mut native = NativeBackend::new(&probe, &config(&spec)).expect("native backend");
+    let mut native = Outcomes::new(NativeBackend::new(&probe, &config(&spec)).expect("native"));
     let started = std::time::Instant::now();
     let on_native = shadow2_guest::run(&spec, &mut native, &mut |_, _| {}).expect("native run");
+    let (native, native_ops) = native.into_parts();
+    assert_eq!(
+        first_difference(&sim_ops, &native_ops),
+        None,
+        "guest operations that saw different results natively: {}",
+        differences(&sim_ops, &native_ops)
+    );
     eprintln!("native: {:?}: {}", started.elapsed(), native.exits());
     assert_eq!(
         on_native, on_sim,
