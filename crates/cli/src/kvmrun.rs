@@ -51,6 +51,7 @@ pub fn kvm_backend(probe: &Probe, spec: &RunSpec, pool_pages: usize) -> Result<K
         .map_err(|e| format!("cannot build the KVM machine: {e}"))
 }
 
+/// The KVM machine for `spec`: each vcpu of a guest with several on a thread of its own.
 pub fn kvm_config(spec: &RunSpec, pool_pages: usize) -> KvmBackendConfig {
     KvmBackendConfig {
         ram_frames: spec.ram_frames(),
@@ -58,6 +59,7 @@ pub fn kvm_config(spec: &RunSpec, pool_pages: usize) -> KvmBackendConfig {
         pool_pages,
         linear_maps: shadow2_guest::linear_map_hints(spec),
         teardown: TeardownHints::ALL,
+        vcpu_threads: spec.guest.vcpus() > 1,
     }
 }
 
@@ -217,7 +219,8 @@ pub fn kvm_traps(exits: &ExitCounts, fast_path: u64) -> BTreeMap<String, u64> {
 
 /// What a run on the engine's shadows under KVM did, as a [`RunResult`].
 pub fn kvm_result(spec: &RunSpec, kvm: &KvmBackend, run: &Recorded) -> RunResult {
-    let domain = kvm.machine().domain();
+    let machine = kvm.machine();
+    let domain = machine.domain();
     let stats = domain.stats();
     let exits = kvm.exits();
     let c = &run.counters;

@@ -12,8 +12,14 @@
 //! so one guest store is one trap on both. An executed instruction is emulated by the
 //! engine's own emulator ([`Domain::emulate`]) on the hardware's registers.
 
+use std::fmt;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
 use iced_x86::{Decoder, DecoderOptions};
 use kvm_bindings::{kvm_debugregs, kvm_regs};
+use kvm_ioctls::VcpuFd;
 use shadow2::EngineError;
 use shadow2::domain::EmulateOutcome;
 use shadow2::emulate::{CodeMode, EmuFault, Regs};
@@ -22,6 +28,7 @@ use shadow2::paging::bits::{self, cr};
 use shadow2::paging::{ControlState, PfErrorCode};
 use shadow2::{Gpa, Mfn};
 use shadow2_guest::{Fault, GuestOps, OpError};
+use vm_memory::GuestMemoryMmap;
 
 use crate::KvmError;
 use crate::executor::{Executor, Privileged};
@@ -29,7 +36,7 @@ use crate::exits::{ExceptionFrame, ExitCounts};
 use crate::hyper::{self, HyperArea};
 use crate::memory::KvmMemory;
 use crate::sregs;
-use crate::vm::{RawExit, Vm};
+use crate::vm::{RawExit, VcpuRun};
 
 /// Exception vectors the backend tells apart.
 const DEBUG: u8 = 1;
@@ -58,13 +65,11 @@ struct Segments {
 /// What differs between a vcpu running on the engine's shadows and one running on the
 /// guest's own tables: who answers a page fault, and who carries out the privileged
 /// operations.
-pub(crate) trait Paging {
-    /// The VM.
-    fn vm(&mut self) -> &mut Vm;
-    /// The VM, to read.
-    fn vm_ref(&self) -> &Vm;
-    /// Runs vcpu `v` until its next exit (see [`Vm::run_raw`]).
-    fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError>;
+pub(crate) trait Paging: Send + 'static {
+    /// Hands vcpu `v` to the backend, which runs it from then on.
+    fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError>;
+    /// Zaps of every translation KVM caches, so far.
+    fn tlb_flushes(&self) -> u64;
     /// The VM's memory.
     fn mem(&self) -> &KvmMemory;
     /// The hypervisor area.
@@ -114,16 +119,6 @@ pub(crate) trait Paging {
     }
 }
 
-/// Guest operations on KVM vcpus, with the paging `P` gives them.
-#[derive(Debug)]
-pub(crate) struct Backend<P> {
-    m: P,
-    ram_frames: u64,
-    executor: Executor,
-    segments: Vec<Option<Segments>>,
-    ops: u64,
-}
-
 /// The hardware privilege level of a guest operation at `cpl`: the guest kernel runs at
 /// CPL1 (supervisor, as CPL0 is, for paging), user code at CPL3.
 fn hardware_cpl(cpl: u8) -> u8 {
@@ -146,59 +141,13 @@ enum Next {
     Done(Result<(), OpError>),
 }
 
-impl<P: Paging> Backend<P> {
-    /// A backend on `m`, whose vcpus are ready to run.
-    pub(crate) fn on(m: P, ram_frames: u64, vcpus: usize) -> Backend<P> {
-        let executor = m.hyper().executor;
-        Backend {
-            m,
-            ram_frames,
-            executor,
-            segments: vec![None; vcpus],
-            ops: 0,
-        }
-    }
-
-    /// The machine.
-    pub(crate) fn machine(&self) -> &P {
-        &self.m
-    }
-
-    /// Guest operations carried out (image loads not counted).
-    pub(crate) fn guest_ops(&self) -> u64 {
-        self.ops
-    }
-
-    fn exits(&mut self) -> &mut ExitCounts {
-        &mut self.m.vm().exits
-    }
-
-    fn check_vcpu(&self, v: usize) -> Result<(), OpError> {
-        if v < self.segments.len() {
-            Ok(())
-        } else {
-            Err(OpError::Backend(format!("no vcpu {v}")))
-        }
-    }
-
-    fn check_access(&self, v: usize, va: u64, len: usize, what: &str) -> Result<(), OpError> {
-        self.check_vcpu(v)?;
-        let room = 4096 - (va & 0xfff);
-        if len as u64 > room || len == 0 {
-            return Err(OpError::Backend(format!(
-                "a {what} of {len} bytes at {va:#x} is empty or crosses a page boundary"
-            )));
-        }
-        Ok(())
-    }
-
+impl<P: Paging> Runner<P> {
     /// Loads the segment registers for `seg` (when they are not already there) and then
     /// `regs`, after completing the vcpu's pending I/O exit.
-    fn load(&mut self, v: usize, seg: Segments, regs: &kvm_regs) -> Result<(), KvmError> {
-        let vm = self.m.vm();
-        vm.complete_io(v)?;
-        if vm.in_stub(v) || self.segments.get(v).copied().flatten() != Some(seg) {
-            let vcpu = vm.vcpu(v)?;
+    fn load(&mut self, seg: Segments, regs: &kvm_regs) -> Result<(), KvmError> {
+        self.run.complete_io()?;
+        if self.run.in_stub() || self.segments != Some(seg) {
+            let vcpu = self.run.fd();
             let mut s = vcpu.get_sregs()?;
             let (cs, ss) = match (seg.cpl, seg.long) {
                 (3, true) => (hyper::USER_CS, hyper::USER_DS),
@@ -215,11 +164,9 @@ impl<P: Paging> Backend<P> {
             s.fs.base = seg.fs_base;
             s.gs.base = seg.gs_base;
             vcpu.set_sregs(&s)?;
-            if let Some(slot) = self.segments.get_mut(v) {
-                *slot = Some(seg);
-            }
+            self.segments = Some(seg);
         }
-        self.m.vm().vcpu(v)?.set_regs(regs)?;
+        self.fd()?.set_regs(regs)?;
         Ok(())
     }
 
@@ -227,7 +174,7 @@ impl<P: Paging> Backend<P> {
     /// accesses).
     fn executor_rflags(&self, v: usize, cpl: u8) -> u64 {
         if cpl < 3 {
-            RFLAGS_FIXED | (self.m.guest_control(v).rflags & cr::RFLAGS_AC)
+            RFLAGS_FIXED | (self.lock().guest_control(v).rflags & cr::RFLAGS_AC)
         } else {
             RFLAGS_FIXED
         }
@@ -242,8 +189,8 @@ impl<P: Paging> Backend<P> {
         }
     }
 
-    fn run(&mut self, v: usize) -> Result<RawExit, OpError> {
-        self.m.run_raw(v).map_err(backend)
+    fn run_once(&mut self) -> Result<RawExit, OpError> {
+        self.run.run_raw(&self.mem, &self.hyper).map_err(backend)
     }
 
     /// A page fault of vcpu `v` at the frame: the answer, counted.
@@ -253,13 +200,11 @@ impl<P: Paging> Backend<P> {
         frame: &ExceptionFrame,
     ) -> Result<(u64, FaultOutcome), OpError> {
         let cr2 = self
-            .m
-            .vm()
-            .vcpu(v)
+            .fd()
             .and_then(|c| Ok(c.get_sregs()?.cr2))
             .map_err(backend)?;
         let code = PfErrorCode(frame.error_code as u32);
-        let outcome = self.m.page_fault(v, cr2, code).map_err(backend)?;
+        let outcome = self.lock().page_fault(v, cr2, code).map_err(backend)?;
         let exits = self.exits();
         match outcome {
             FaultOutcome::Fixed => exits.pf_fixed += 1,
@@ -295,7 +240,7 @@ impl<P: Paging> Backend<P> {
         data: &[u8],
     ) -> Result<(), OpError> {
         let hw = hardware_cpl(cpl);
-        let buffer_gpa = self.m.hyper().buffer_gpa(hw);
+        let buffer_gpa = self.lock().hyper().buffer_gpa(hw);
         let buffer_va = if hw == 3 {
             hyper::USER_MAILBOX_VA
         } else {
@@ -303,7 +248,7 @@ impl<P: Paging> Backend<P> {
         };
         let len = load.as_ref().map_or(data.len(), |b| b.len());
         if load.is_none() {
-            self.m
+            self.lock()
                 .mem()
                 .write_bytes(buffer_gpa, data)
                 .map_err(|e| OpError::Backend(format!("mailbox: {e:?}")))?;
@@ -321,15 +266,15 @@ impl<P: Paging> Backend<P> {
             rflags: self.executor_rflags(v, hw),
             ..kvm_regs::default()
         };
-        self.load(v, Self::executor_segments(hw), &regs)
+        self.load(Self::executor_segments(hw), &regs)
             .map_err(backend)?;
         let copy_rip = regs.rip;
         for _ in 0..MAX_TRAPS_PER_OP {
-            match self.run(v)? {
+            match self.run_once()? {
                 RawExit::Io { .. } => {
                     self.exits().guest_io += 1;
                     if let Some(buf) = load {
-                        self.m
+                        self.lock()
                             .mem()
                             .read_bytes(buffer_gpa, buf)
                             .map_err(|e| OpError::Backend(format!("mailbox: {e:?}")))?;
@@ -359,13 +304,14 @@ impl<P: Paging> Backend<P> {
                                 )));
                             }
                             let left = self
-                                .m
-                                .vm()
-                                .vcpu(v)
+                                .fd()
                                 .and_then(|c| Ok(c.get_regs()?.rcx))
                                 .map_err(backend)? as usize;
                             let done = len.saturating_sub(left).min(data.len());
-                            return self.m.write_emulated(gpa, &data[done..]).map_err(backend);
+                            return self
+                                .lock()
+                                .write_emulated(gpa, &data[done..])
+                                .map_err(backend);
                         }
                     }
                 }
@@ -382,9 +328,10 @@ impl<P: Paging> Backend<P> {
     /// Where the hardware would fetch `va` from through vcpu `v`'s tables now (a walk of
     /// the 4-level tables its CR3 names, no side effects), if they map it.
     fn hardware_translate(&self, v: usize, va: u64) -> Option<u64> {
-        let mem = self.m.mem();
-        let width = self.m.maxphyaddr();
-        let mut table = self.m.hardware_cr3(v)? & bits::ADDR_MASK_8;
+        let m = self.lock();
+        let mem = m.mem();
+        let width = m.maxphyaddr();
+        let mut table = m.hardware_cr3(v)? & bits::ADDR_MASK_8;
         for level in (1..=4u32).rev() {
             let index = (va >> (12 + 9 * (level - 1))) & 511;
             let mut e = [0u8; 8];
@@ -419,16 +366,16 @@ impl<P: Paging> Backend<P> {
                 rflags: self.executor_rflags(v, hw),
                 ..kvm_regs::default()
             };
-            self.load(v, Self::executor_segments(hw), &regs)
+            self.load(Self::executor_segments(hw), &regs)
                 .map_err(backend)?;
             let target = self
                 .hardware_translate(v, va)
-                .filter(|&maddr| self.m.is_guest_ram(Mfn::new(maddr >> 12)));
+                .filter(|&maddr| self.lock().is_guest_ram(Mfn::new(maddr >> 12)));
             let saved = match target {
                 Some(maddr) => Some((maddr, self.patch(maddr, HLT).map_err(backend)?)),
                 None => None,
             };
-            let exit = self.run(v);
+            let exit = self.run_once();
             if let Some((maddr, old)) = saved {
                 self.patch(maddr, old).map_err(backend)?;
             }
@@ -441,7 +388,7 @@ impl<P: Paging> Backend<P> {
                     self.exits().fetches += 1;
                     let maddr = saved.map_or(0, |(m, _)| m);
                     return self
-                        .m
+                        .lock()
                         .mem()
                         .read_bytes(maddr, buf)
                         .map_err(|e| OpError::Backend(format!("fetch: {e:?}")));
@@ -483,7 +430,8 @@ impl<P: Paging> Backend<P> {
 
     /// Writes `byte` at `maddr`, returning the byte that was there.
     fn patch(&mut self, maddr: u64, byte: u8) -> Result<u8, KvmError> {
-        let mem = self.m.mem();
+        let m = self.lock();
+        let mem = m.mem();
         let mut old = [0u8; 1];
         mem.read_bytes(maddr, &mut old)
             .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
@@ -494,8 +442,8 @@ impl<P: Paging> Backend<P> {
 
     /// The guest's registers as the hardware has them at an exception frame (RSP, RIP and
     /// RFLAGS from the frame, without the single-step flag), in the guest's mode.
-    fn regs_at(&mut self, v: usize, frame: &ExceptionFrame, like: &Regs) -> Result<Regs, KvmError> {
-        let r = self.m.vm().vcpu(v)?.get_regs()?;
+    fn regs_at(&mut self, frame: &ExceptionFrame, like: &Regs) -> Result<Regs, KvmError> {
+        let r = self.fd()?.get_regs()?;
         Ok(Regs {
             gpr: [
                 r.rax, r.rcx, r.rdx, r.rbx, frame.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10,
@@ -546,15 +494,15 @@ impl<P: Paging> Backend<P> {
             fs_base: regs.fs_base,
             gs_base: regs.gs_base,
         };
-        self.load(v, seg, &hwregs).map_err(backend)?;
+        self.load(seg, &hwregs).map_err(backend)?;
         let mut breakpoint = false;
         let result = self.step(v, regs, &mut breakpoint);
         if breakpoint {
             let cleared = kvm_debugregs::default();
-            let vm = self.m.vm();
-            vm.vcpu(v)
-                .and_then(|c| Ok(c.set_debug_regs(&cleared)?))
-                .map_err(backend)?;
+            self.run
+                .fd()
+                .set_debug_regs(&cleared)
+                .map_err(|e| backend(e.into()))?;
         }
         result
     }
@@ -562,7 +510,7 @@ impl<P: Paging> Backend<P> {
     /// Runs the single-stepped instruction of [`Backend::exec_one`] to its end.
     fn step(&mut self, v: usize, regs: &mut Regs, breakpoint: &mut bool) -> Result<(), OpError> {
         for _ in 0..MAX_TRAPS_PER_OP {
-            let (vector, frame, frame_gpa) = match self.run(v)? {
+            let (vector, frame, frame_gpa) = match self.run_once()? {
                 RawExit::Io { port, .. } => {
                     return Err(OpError::Backend(format!(
                         "the instruction at {:#x} did I/O to port {port:#x}",
@@ -587,22 +535,20 @@ impl<P: Paging> Backend<P> {
                         dr7: 1 | (1 << 10),
                         ..kvm_debugregs::default()
                     };
-                    self.m
-                        .vm()
-                        .vcpu(v)
+                    self.fd()
                         .and_then(|c| Ok(c.set_debug_regs(&dr)?))
                         .map_err(backend)?;
                     *breakpoint = true;
                     let mut resumed = frame;
                     resumed.rflags &= !TRAP_FLAG;
-                    self.m
+                    self.lock()
                         .mem()
                         .write_bytes(frame_gpa, &resumed.to_bytes())
                         .map_err(|e| OpError::Backend(format!("exception frame: {e:?}")))?;
                 }
                 DEBUG if frame.rip != regs.rip => {
                     self.exits().single_steps += 1;
-                    *regs = self.regs_at(v, &frame, regs).map_err(backend)?;
+                    *regs = self.regs_at(&frame, regs).map_err(backend)?;
                     return Ok(());
                 }
                 PAGE_FAULT => match self.exec_fault(v, &frame, regs)? {
@@ -628,7 +574,7 @@ impl<P: Paging> Backend<P> {
             )))?;
         let room = (4096 - (regs.rip & 0xfff)).min(15) as usize;
         let mut bytes = [0u8; 15];
-        self.m
+        self.lock()
             .mem()
             .read_bytes(maddr, &mut bytes[..room])
             .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
@@ -660,8 +606,8 @@ impl<P: Paging> Backend<P> {
                 "an instruction touched MMIO at {gpa} (no devices)"
             ))))),
             FaultOutcome::Emulate { gpa } => {
-                let mut r = self.regs_at(v, frame, regs).map_err(backend)?;
-                let Some(outcome) = self.m.emulate(v, &mut r, gpa).map_err(backend)? else {
+                let mut r = self.regs_at(frame, regs).map_err(backend)?;
+                let Some(outcome) = self.lock().emulate(v, &mut r, gpa).map_err(backend)? else {
                     // Out of budget: the instruction runs again, faults again and goes on.
                     return Ok(Next::Resume);
                 };
@@ -702,9 +648,9 @@ impl<P: Paging> Backend<P> {
             rflags: self.executor_rflags(v, 1),
             ..kvm_regs::default()
         };
-        self.load(v, Self::executor_segments(1), &regs)
+        self.load(Self::executor_segments(1), &regs)
             .map_err(backend)?;
-        match self.run(v)? {
+        match self.run_once()? {
             RawExit::Exception {
                 vector: GENERAL_PROTECTION,
                 frame,
@@ -723,21 +669,280 @@ impl<P: Paging> Backend<P> {
             }
         }
         self.exits().privileged += 1;
-        self.m.privileged(v, op, rax, ctl)
+        self.lock().privileged(v, op, rax, ctl)
     }
 }
 
-impl<P: Paging> Backend<P> {
-    /// Ends a guest operation: the machine's bookkeeping after it, then its result.
-    fn finish(&mut self, result: Result<(), OpError>) -> Result<(), OpError> {
-        self.m.after_op().map_err(backend)?;
-        result
+/// One vcpu's runner: it carries out guest operations on its vcpu, calling the machine
+/// (under the shadow lock) for every trap. It runs on the backend's thread, or on a thread
+/// of its own.
+pub(crate) struct Runner<P> {
+    v: usize,
+    run: VcpuRun,
+    m: Arc<Mutex<P>>,
+    /// The VM's memory, for the mailboxes and exception frames (no lock needed).
+    mem: GuestMemoryMmap<()>,
+    hyper: HyperArea,
+    executor: Executor,
+    /// The segment registers the vcpu holds, when known.
+    segments: Option<Segments>,
+}
+
+/// A guest operation for a runner.
+#[derive(Debug)]
+enum Cmd {
+    Read { va: u64, cpl: u8, len: usize },
+    Write { va: u64, cpl: u8, data: Vec<u8> },
+    Fetch { va: u64, cpl: u8, len: usize },
+    Exec(Regs),
+    Privileged(Privileged, u64, ControlState),
+}
+
+/// What a runner answers: the bytes loaded or the registers after an instruction, and its
+/// exit counts so far.
+#[derive(Debug)]
+struct Reply {
+    result: Result<Answer, OpError>,
+    exits: ExitCounts,
+}
+
+#[derive(Debug)]
+enum Answer {
+    Done,
+    Bytes(Vec<u8>),
+    Regs(Regs),
+}
+
+impl<P: Paging> Runner<P> {
+    fn new(v: usize, run: VcpuRun, m: Arc<Mutex<P>>) -> Runner<P> {
+        let (mem, hyper) = {
+            let guard = lock(&m);
+            (guard.mem().mmap().clone(), guard.hyper().clone())
+        };
+        let executor = hyper.executor;
+        Runner {
+            v,
+            run,
+            m,
+            mem,
+            hyper,
+            executor,
+            segments: None,
+        }
     }
+
+    fn lock(&self) -> MutexGuard<'_, P> {
+        lock(&self.m)
+    }
+
+    fn fd(&self) -> Result<&VcpuFd, KvmError> {
+        Ok(self.run.fd())
+    }
+
+    fn exits(&mut self) -> &mut ExitCounts {
+        &mut self.run.exits
+    }
+
+    /// Carries out one guest operation.
+    fn serve(&mut self, cmd: Cmd) -> Reply {
+        let v = self.v;
+        let result = match cmd {
+            Cmd::Read { va, cpl, len } => {
+                let mut buf = vec![0u8; len];
+                self.copy(v, va, cpl, Some(&mut buf), &[])
+                    .map(|()| Answer::Bytes(buf))
+            }
+            Cmd::Write { va, cpl, data } => {
+                self.copy(v, va, cpl, None, &data).map(|()| Answer::Done)
+            }
+            Cmd::Fetch { va, cpl, len } => {
+                let mut buf = vec![0u8; len];
+                self.fetch_at(v, va, cpl, &mut buf)
+                    .map(|()| Answer::Bytes(buf))
+            }
+            Cmd::Exec(mut regs) => self.exec_one(v, &mut regs).map(|()| Answer::Regs(regs)),
+            Cmd::Privileged(op, arg, ctl) => {
+                self.privileged(v, op, arg, ctl).map(|()| Answer::Done)
+            }
+        };
+        Reply {
+            result,
+            exits: self.run.exits,
+        }
+    }
+}
+
+fn lock<P>(m: &Mutex<P>) -> MutexGuard<'_, P> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A vcpu's runner, on the backend's thread or on its own.
+enum Vcpu<P> {
+    Here(Box<Runner<P>>),
+    Thread {
+        to: Option<Sender<Cmd>>,
+        from: Receiver<Reply>,
+        thread: Option<JoinHandle<()>>,
+        exits: ExitCounts,
+    },
+}
+
+impl<P> fmt::Debug for Vcpu<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Vcpu::Here(r) => write!(f, "vcpu {} here", r.v),
+            Vcpu::Thread { .. } => f.write_str("vcpu on its own thread"),
+        }
+    }
+}
+
+impl<P> Drop for Vcpu<P> {
+    fn drop(&mut self) {
+        if let Vcpu::Thread { to, thread, .. } = self {
+            // Closing the channel ends the thread's loop.
+            drop(to.take());
+            if let Some(t) = thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Guest operations on KVM vcpus, with the paging `P` gives them: every vcpu on the
+/// backend's thread, or each on a thread of its own (the machine, the engine in it, behind
+/// one lock: the shadow lock).
+#[derive(Debug)]
+pub(crate) struct Backend<P> {
+    m: Arc<Mutex<P>>,
+    vcpus: Vec<Vcpu<P>>,
+    ram_frames: u64,
+    ops: u64,
+}
+
+impl<P: Paging> Backend<P> {
+    /// A backend on `m`, whose vcpus are ready to run: on threads of their own if
+    /// `threads`.
+    pub(crate) fn on(
+        mut m: P,
+        ram_frames: u64,
+        vcpus: usize,
+        threads: bool,
+    ) -> Result<Backend<P>, KvmError> {
+        let runs = (0..vcpus)
+            .map(|v| m.take_vcpu(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let m = Arc::new(Mutex::new(m));
+        let mut out = Vec::with_capacity(vcpus);
+        for (v, run) in runs.into_iter().enumerate() {
+            let runner = Runner::new(v, run, Arc::clone(&m));
+            if !threads {
+                out.push(Vcpu::Here(Box::new(runner)));
+                continue;
+            }
+            let (to, commands) = channel::<Cmd>();
+            let (replies, from) = channel::<Reply>();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{v}"))
+                .spawn(move || {
+                    let mut runner = runner;
+                    while let Ok(cmd) = commands.recv() {
+                        if replies.send(runner.serve(cmd)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| KvmError::Memory(format!("cannot start a vcpu thread: {e}")))?;
+            out.push(Vcpu::Thread {
+                to: Some(to),
+                from,
+                thread: Some(thread),
+                exits: ExitCounts::default(),
+            });
+        }
+        Ok(Backend {
+            m,
+            vcpus: out,
+            ram_frames,
+            ops: 0,
+        })
+    }
+
+    /// The machine, locked.
+    pub(crate) fn machine(&self) -> MutexGuard<'_, P> {
+        lock(&self.m)
+    }
+
+    /// Guest operations carried out (image loads not counted).
+    pub(crate) fn guest_ops(&self) -> u64 {
+        self.ops
+    }
+
+    /// VM exits so far, every vcpu's and the machine's.
+    pub(crate) fn machine_exits(&self) -> ExitCounts {
+        let mut total = ExitCounts::default();
+        for vcpu in &self.vcpus {
+            let e = match vcpu {
+                Vcpu::Here(r) => r.run.exits,
+                Vcpu::Thread { exits, .. } => *exits,
+            };
+            total = total.plus(&e);
+        }
+        total.tlb_flushes += self.machine().tlb_flushes();
+        total
+    }
+
+    fn check_vcpu(&self, v: usize) -> Result<(), OpError> {
+        if v < self.vcpus.len() {
+            Ok(())
+        } else {
+            Err(OpError::Backend(format!("no vcpu {v}")))
+        }
+    }
+
+    fn check_access(&self, v: usize, va: u64, len: usize, what: &str) -> Result<(), OpError> {
+        self.check_vcpu(v)?;
+        let room = 4096 - (va & 0xfff);
+        if len as u64 > room || len == 0 {
+            return Err(OpError::Backend(format!(
+                "a {what} of {len} bytes at {va:#x} is empty or crosses a page boundary"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Has vcpu `v` carry out `cmd`, then the machine's bookkeeping after it.
+    fn call(&mut self, v: usize, cmd: Cmd) -> Result<Answer, OpError> {
+        self.ops += 1;
+        let reply = match self.vcpus.get_mut(v) {
+            Some(Vcpu::Here(r)) => r.serve(cmd),
+            Some(Vcpu::Thread {
+                to, from, exits, ..
+            }) => {
+                let sent = to.as_ref().is_some_and(|t| t.send(cmd).is_ok());
+                let reply = if sent { from.recv().ok() } else { None };
+                let reply =
+                    reply.ok_or_else(|| OpError::Backend(format!("vcpu {v}'s thread is gone")))?;
+                *exits = reply.exits;
+                reply
+            }
+            None => return Err(OpError::Backend(format!("no vcpu {v}"))),
+        };
+        self.machine().after_op().map_err(backend)?;
+        reply.result
+    }
+}
+
+fn done(answer: Result<Answer, OpError>) -> Result<(), OpError> {
+    answer.map(|_| ())
+}
+
+fn unexpected() -> OpError {
+    OpError::Backend("a vcpu answered another operation".into())
 }
 
 impl<P: Paging> GuestOps for Backend<P> {
     fn vcpus(&self) -> usize {
-        self.segments.len()
+        self.vcpus.len()
     }
 
     fn ram_frames(&self) -> u64 {
@@ -757,61 +962,70 @@ impl<P: Paging> GuestOps for Backend<P> {
         if data.is_empty() {
             return Ok(());
         }
-        self.m.load_image(Gpa::new(gpa), data).map_err(backend)
+        self.machine()
+            .load_image(Gpa::new(gpa), data)
+            .map_err(backend)
     }
 
     fn read(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "load")?;
-        self.ops += 1;
-        let result = self.copy(vcpu, va, cpl, Some(buf), &[]);
-        self.finish(result)
+        let len = buf.len();
+        match self.call(vcpu, Cmd::Read { va, cpl, len })? {
+            Answer::Bytes(b) if b.len() == len => {
+                buf.copy_from_slice(&b);
+                Ok(())
+            }
+            _ => Err(unexpected()),
+        }
     }
 
     fn write(&mut self, vcpu: usize, va: u64, cpl: u8, data: &[u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, data.len(), "store")?;
-        self.ops += 1;
-        let result = self.copy(vcpu, va, cpl, None, data);
-        self.finish(result)
+        let data = data.to_vec();
+        done(self.call(vcpu, Cmd::Write { va, cpl, data }))
     }
 
     fn fetch(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "fetch")?;
-        self.ops += 1;
-        let result = self.fetch_at(vcpu, va, cpl, buf);
-        self.finish(result)
+        let len = buf.len();
+        match self.call(vcpu, Cmd::Fetch { va, cpl, len })? {
+            Answer::Bytes(b) if b.len() == len => {
+                buf.copy_from_slice(&b);
+                Ok(())
+            }
+            _ => Err(unexpected()),
+        }
     }
 
     fn exec(&mut self, vcpu: usize, regs: &mut Regs) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
-        self.ops += 1;
-        let result = self.exec_one(vcpu, regs);
-        self.finish(result)
+        match self.call(vcpu, Cmd::Exec(*regs))? {
+            Answer::Regs(r) => {
+                *regs = r;
+                Ok(())
+            }
+            _ => Err(unexpected()),
+        }
     }
 
     fn set_control(&mut self, vcpu: usize, ctl: ControlState) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
-        self.ops += 1;
-        let result = self.privileged(vcpu, Privileged::Control, ctl.cr0, ctl);
-        self.finish(result)
+        done(self.call(vcpu, Cmd::Privileged(Privileged::Control, ctl.cr0, ctl)))
     }
 
     fn set_cr3(&mut self, vcpu: usize, cr3: u64) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
-        self.ops += 1;
         let ctl = ControlState {
             cr3,
-            ..self.m.guest_control(vcpu)
+            ..self.machine().guest_control(vcpu)
         };
-        let result = self.privileged(vcpu, Privileged::Cr3, cr3, ctl);
-        self.finish(result)
+        done(self.call(vcpu, Cmd::Privileged(Privileged::Cr3, cr3, ctl)))
     }
 
     fn invlpg(&mut self, vcpu: usize, va: u64) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
-        self.ops += 1;
-        let ctl = self.m.guest_control(vcpu);
-        let result = self.privileged(vcpu, Privileged::Invlpg, va, ctl);
-        self.finish(result)
+        let ctl = self.machine().guest_control(vcpu);
+        done(self.call(vcpu, Cmd::Privileged(Privileged::Invlpg, va, ctl)))
     }
 }
 
@@ -834,7 +1048,7 @@ macro_rules! public_backend {
             /// backend's).
             pub fn read_guest_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), KvmError> {
                 $crate::backend::Paging::read_guest_phys(
-                    self.0.machine(),
+                    &*self.0.machine(),
                     shadow2::Gpa::new(gpa),
                     buf,
                 )
@@ -876,10 +1090,3 @@ macro_rules! public_backend {
     };
 }
 pub(crate) use public_backend;
-
-impl<P: Paging> Backend<P> {
-    /// VM exits so far.
-    pub(crate) fn machine_exits(&self) -> ExitCounts {
-        self.m.vm_ref().exits
-    }
-}

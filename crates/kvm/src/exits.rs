@@ -140,6 +140,26 @@ pub struct ExitCounts {
 }
 
 impl ExitCounts {
+    /// The sum of two counts, kind by kind.
+    pub fn plus(&self, other: &ExitCounts) -> ExitCounts {
+        ExitCounts {
+            total: self.total + other.total,
+            pf_fixed: self.pf_fixed + other.pf_fixed,
+            pf_spurious: self.pf_spurious + other.pf_spurious,
+            pf_propagated: self.pf_propagated + other.pf_propagated,
+            pf_emulated: self.pf_emulated + other.pf_emulated,
+            pf_mmio: self.pf_mmio + other.pf_mmio,
+            other_exceptions: self.other_exceptions + other.other_exceptions,
+            guest_io: self.guest_io + other.guest_io,
+            privileged: self.privileged + other.privileged,
+            single_steps: self.single_steps + other.single_steps,
+            fetches: self.fetches + other.fetches,
+            cr3_reloads: self.cr3_reloads + other.cr3_reloads,
+            tlb_flushes: self.tlb_flushes + other.tlb_flushes,
+            io_completions: self.io_completions + other.io_completions,
+        }
+    }
+
     /// Every count by kind, named as `--json` prints them (`total` first).
     pub fn by_kind(&self) -> [(&'static str, u64); 14] {
         [

@@ -9,6 +9,8 @@ mod backend;
 pub mod executor;
 pub mod exits;
 pub mod hyper;
+#[allow(unsafe_code)]
+mod kicks;
 pub mod machine;
 pub mod memory;
 pub mod native;

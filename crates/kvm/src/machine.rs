@@ -18,7 +18,7 @@ use crate::hyper::{self, HyperArea};
 use crate::memory::KvmMemory;
 use crate::probe::Probe;
 use crate::sregs;
-use crate::vm::{RawExit, Vm, memory_error};
+use crate::vm::{RawExit, VcpuRun, Vm, memory_error};
 
 /// Exception vector of #PF.
 const PAGE_FAULT: u8 = 14;
@@ -31,6 +31,8 @@ pub struct KvmMachine {
     domain: Domain<KvmMemory>,
     hyper: HyperArea,
     faults: Vec<(u64, FaultOutcome)>,
+    /// What [`KvmMachine::run`] handled (the backend's vcpus count their own).
+    handled: ExitCounts,
 }
 
 /// How to build a [`KvmMachine`].
@@ -99,6 +101,7 @@ impl KvmMachine {
             domain,
             hyper,
             faults: Vec::new(),
+            handled: ExitCounts::default(),
         })
     }
 
@@ -112,14 +115,19 @@ impl KvmMachine {
         &mut self.domain
     }
 
-    /// VM exits so far.
-    pub fn exits(&self) -> ExitCounts {
-        self.vm.exits
+    /// VM exits of [`KvmMachine::run`] so far, and the zaps of every flush.
+    pub fn exits(&mut self) -> ExitCounts {
+        let mut e = self.handled;
+        if let Ok(run) = self.vm.vcpu(0) {
+            e = e.plus(&run.exits);
+        }
+        e.tlb_flushes += self.vm.tlb_flushes;
+        e
     }
 
-    /// VM exits so far, mutably (the backend counts what it handles itself).
-    pub(crate) fn exits_mut(&mut self) -> &mut ExitCounts {
-        &mut self.vm.exits
+    /// Zaps of every translation KVM caches, so far.
+    pub(crate) fn tlb_flushes(&self) -> u64 {
+        self.vm.tlb_flushes
     }
 
     /// The hypervisor area.
@@ -130,17 +138,14 @@ impl KvmMachine {
     /// Sets the longest time one run of a vcpu may take before the guest is stopped and
     /// [`KvmError::Watchdog`] reported (20 s unless set).
     pub fn set_run_deadline(&mut self, deadline: std::time::Duration) {
-        self.vm.set_deadline(deadline);
+        if let Ok(run) = self.vm.vcpu(0) {
+            run.set_deadline(deadline);
+        }
     }
 
-    /// The VM.
-    pub(crate) fn vm_mut(&mut self) -> &mut Vm {
-        &mut self.vm
-    }
-
-    /// The VM, to read.
-    pub(crate) fn vm_shared(&self) -> &Vm {
-        &self.vm
+    /// Hands vcpu `v` to whoever runs it from now on.
+    pub(crate) fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError> {
+        self.vm.take_vcpu(v)
     }
 
     /// Keeps a page fault and the engine's answer in the fault log.
@@ -194,8 +199,9 @@ impl KvmMachine {
             .ok_or(EngineError::Internal("no root after a mode update"))?;
         let _ = flush.into_vcpus();
         let _ = self.domain.take_reloads();
-        self.vm.init_vcpu(0, Some(&hw))?;
-        let vcpu = self.vm.vcpu(0)?;
+        let run = self.vm.vcpu(0)?;
+        run.init(Some(&hw))?;
+        let vcpu = run.fd();
         let mut s = vcpu.get_sregs()?;
         s.cs = sregs::flat(hyper::USER_CS, 3, true, true);
         s.ss = sregs::flat(hyper::USER_DS, 3, false, false);
@@ -218,12 +224,13 @@ impl KvmMachine {
     /// root), for the backend's first run of it.
     pub(crate) fn init_vcpu(&mut self, v: usize) -> Result<(), KvmError> {
         let hw = self.domain.hardware_control(v);
-        self.vm.init_vcpu(v, hw.as_ref())
+        self.vm.vcpu(v)?.init(hw.as_ref())
     }
 
     /// Carries out a flush the engine handed out, and root changes, before the vcpus run
     /// again: a flush drops every translation KVM caches ([`Vm::zap`]), then each vcpu
-    /// named gets the engine's root in its CR3.
+    /// named is posted the engine's root for its CR3 (and kicked out of `KVM_RUN` if it
+    /// runs on another thread; see [`crate::kicks`]).
     pub fn settle(&mut self, flush: Flush) -> Result<(), KvmError> {
         let flushed = flush.into_vcpus();
         let reloads = self.domain.take_reloads();
@@ -241,7 +248,7 @@ impl KvmMachine {
                 self.vm.zap()?;
                 zapped = true;
             }
-            self.vm.load_paging(v, &hw)?;
+            self.vm.post_paging(v, hw);
         }
         Ok(())
     }
@@ -251,7 +258,7 @@ impl KvmMachine {
         loop {
             match self.run_raw(0)? {
                 RawExit::Io { port, value } => {
-                    self.vm.exits.guest_io += 1;
+                    self.handled.guest_io += 1;
                     return Ok(GuestExit::Reported { port, value });
                 }
                 RawExit::Exception {
@@ -267,9 +274,11 @@ impl KvmMachine {
         }
     }
 
-    /// Runs vcpu `v` until its next exit (see [`Vm::run_raw`]).
-    pub(crate) fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError> {
-        self.vm.run_raw(self.domain.host(), &self.hyper, v)
+    /// Runs vcpu `v`, while the machine holds it, until its next exit (see
+    /// [`VcpuRun::run_raw`]).
+    fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError> {
+        let mem = self.domain.host().mmap();
+        self.vm.vcpu(v)?.run_raw(mem, &self.hyper)
     }
 
     /// Writes back an exception frame the VMM changed (the stub's `iretq` returns to it).
@@ -292,21 +301,21 @@ impl KvmMachine {
         mut frame: ExceptionFrame,
         frame_gpa: u64,
     ) -> Result<Option<GuestExit>, KvmError> {
-        let regs = self.vm.vcpu(0)?.get_regs()?;
+        let regs = self.vm.vcpu(0)?.fd().get_regs()?;
         if vector != PAGE_FAULT {
-            self.vm.exits.other_exceptions += 1;
+            self.handled.other_exceptions += 1;
             return Ok(Some(GuestExit::Exception {
                 vector,
                 error_code: frame.error_code,
                 rip: frame.rip,
             }));
         }
-        let cr2 = self.vm.vcpu(0)?.get_sregs()?.cr2;
+        let cr2 = self.vm.vcpu(0)?.fd().get_sregs()?.cr2;
         let code = PfErrorCode(frame.error_code as u32);
         let (outcome, flush) = match self.engine(|d| d.page_fault(0, Gva::new(cr2), code)) {
             // Out of budget (a bounded search goes on): the guest retries the access.
             Err(KvmError::Engine(EngineError::Preempted)) => {
-                self.vm.exits.pf_spurious += 1;
+                self.handled.pf_spurious += 1;
                 return Ok(None);
             }
             other => other?,
@@ -316,10 +325,10 @@ impl KvmMachine {
             self.faults.push((cr2, outcome));
         }
         match outcome {
-            FaultOutcome::Fixed => self.vm.exits.pf_fixed += 1,
-            FaultOutcome::Spurious => self.vm.exits.pf_spurious += 1,
+            FaultOutcome::Fixed => self.handled.pf_fixed += 1,
+            FaultOutcome::Spurious => self.handled.pf_spurious += 1,
             FaultOutcome::Propagate(code) => {
-                self.vm.exits.pf_propagated += 1;
+                self.handled.pf_propagated += 1;
                 return Ok(Some(GuestExit::PageFault {
                     cr2,
                     code,
@@ -327,14 +336,14 @@ impl KvmMachine {
                 }));
             }
             FaultOutcome::Mmio { gpa } => {
-                self.vm.exits.pf_mmio += 1;
+                self.handled.pf_mmio += 1;
                 return Ok(Some(GuestExit::Mmio {
                     gpa,
                     rip: frame.rip,
                 }));
             }
             FaultOutcome::Emulate { gpa } => {
-                self.vm.exits.pf_emulated += 1;
+                self.handled.pf_emulated += 1;
                 if let Some(exit) = self.emulate(&regs, &mut frame, gpa)? {
                     return Ok(Some(exit));
                 }
@@ -352,7 +361,7 @@ impl KvmMachine {
         frame: &mut ExceptionFrame,
         gpa: Gpa,
     ) -> Result<Option<GuestExit>, KvmError> {
-        let s = self.vm.vcpu(0)?.get_sregs()?;
+        let s = self.vm.vcpu(0)?.fd().get_sregs()?;
         let mut r = Regs {
             gpr: [
                 regs.rax, regs.rcx, regs.rdx, regs.rbx, frame.rsp, regs.rbp, regs.rsi, regs.rdi,
@@ -411,8 +420,9 @@ impl KvmMachine {
     /// Sets vcpu `v`'s general registers (not RSP, which is the stub's) while it sits in
     /// its stub.
     fn set_gprs(&mut self, v: usize, gpr: &[u64; 16]) -> Result<(), KvmError> {
-        self.vm.complete_io(v)?;
-        let vcpu = self.vm.vcpu(v)?;
+        let run = self.vm.vcpu(v)?;
+        run.complete_io()?;
+        let vcpu = run.fd();
         let mut regs = vcpu.get_regs()?;
         regs.rax = gpr[0];
         regs.rcx = gpr[1];

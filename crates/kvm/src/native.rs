@@ -31,7 +31,7 @@ use crate::hyper::{self, HyperArea};
 use crate::memory::KvmMemory;
 use crate::probe::Probe;
 use crate::shadowed::KvmBackendConfig;
-use crate::vm::{RawExit, Vm, memory_error};
+use crate::vm::{VcpuRun, Vm, memory_error};
 
 /// Frames of VM memory beyond RAM: the hypervisor area, identity tables, top copies.
 const EXTRA_FRAMES: u64 = 512;
@@ -95,9 +95,14 @@ impl NativeBackend {
         };
         for v in 0..cfg.vcpus {
             let hw = m.hardware(v);
-            m.vm.init_vcpu(v, Some(&hw))?;
+            m.vm.vcpu(v)?.init(Some(&hw))?;
         }
-        Ok(NativeBackend(Backend::on(m, cfg.ram_frames, cfg.vcpus)))
+        Ok(NativeBackend(Backend::on(
+            m,
+            cfg.ram_frames,
+            cfg.vcpus,
+            cfg.vcpu_threads,
+        )?))
     }
 
     /// Whether a guest whose paging modes are `levels` (each 0, 2, 3 or 4) can run
@@ -310,7 +315,8 @@ impl NativeMachine {
             *slot = cr3;
         }
         let hw = self.hardware(v);
-        self.vm.load_paging(v, &hw)
+        self.vm.post_paging(v, hw);
+        Ok(())
     }
 
     /// After a guest operation: the tops vcpus run on are brought up to date with the
@@ -332,16 +338,12 @@ impl NativeMachine {
 }
 
 impl Paging for NativeMachine {
-    fn vm(&mut self) -> &mut Vm {
-        &mut self.vm
+    fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError> {
+        self.vm.take_vcpu(v)
     }
 
-    fn vm_ref(&self) -> &Vm {
-        &self.vm
-    }
-
-    fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError> {
-        self.vm.run_raw(&self.mem, &self.hyper, v)
+    fn tlb_flushes(&self) -> u64 {
+        self.vm.tlb_flushes
     }
 
     fn mem(&self) -> &KvmMemory {

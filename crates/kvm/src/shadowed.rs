@@ -19,7 +19,7 @@ use crate::hyper::HyperArea;
 use crate::machine::{KvmConfig, KvmMachine};
 use crate::memory::KvmMemory;
 use crate::probe::Probe;
-use crate::vm::{RawExit, Vm};
+use crate::vm::VcpuRun;
 
 /// Frames of VM memory beyond RAM, pool and p2m (the hypervisor area, slack).
 const SLACK_FRAMES: u64 = 256;
@@ -39,6 +39,8 @@ pub struct KvmBackendConfig {
     pub linear_maps: Vec<LinearMapHint>,
     /// The guest OS's teardown hints.
     pub teardown: TeardownHints,
+    /// Each vcpu on a thread of its own (else all on the caller's thread).
+    pub vcpu_threads: bool,
 }
 
 /// Guest operations on KVM vcpus running on the engine's shadows.
@@ -70,11 +72,16 @@ impl KvmBackend {
             m.settle(flush)?;
             m.init_vcpu(v)?;
         }
-        Ok(KvmBackend(Backend::on(m, cfg.ram_frames, cfg.vcpus)))
+        Ok(KvmBackend(Backend::on(
+            m,
+            cfg.ram_frames,
+            cfg.vcpus,
+            cfg.vcpu_threads,
+        )?))
     }
 
-    /// The machine (its domain and fault log).
-    pub fn machine(&self) -> &KvmMachine {
+    /// The machine (its domain and fault log), locked.
+    pub fn machine(&self) -> std::sync::MutexGuard<'_, KvmMachine> {
         self.0.machine()
     }
 }
@@ -105,9 +112,9 @@ impl KvmMachine {
                         .settle(flush)
                         .map_err(|e| OpError::Backend(e.to_string()));
                 }
-                Err(KvmError::Engine(EngineError::Preempted)) => {
-                    self.exits_mut().pf_spurious += 1;
-                }
+                // The engine needs another call (a flush carried out, a bounded step done);
+                // the VMM calls again at once, no guest exit in between.
+                Err(KvmError::Engine(EngineError::Preempted)) => {}
                 Err(KvmError::Engine(EngineError::Guest(GuestFault::GeneralProtection))) => {
                     return Err(OpError::Fault(Fault::GeneralProtection));
                 }
@@ -121,16 +128,12 @@ impl KvmMachine {
 }
 
 impl Paging for KvmMachine {
-    fn vm(&mut self) -> &mut Vm {
-        self.vm_mut()
+    fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError> {
+        KvmMachine::take_vcpu(self, v)
     }
 
-    fn vm_ref(&self) -> &Vm {
-        self.vm_shared()
-    }
-
-    fn run_raw(&mut self, v: usize) -> Result<RawExit, KvmError> {
-        KvmMachine::run_raw(self, v)
+    fn tlb_flushes(&self) -> u64 {
+        KvmMachine::tlb_flushes(self)
     }
 
     fn mem(&self) -> &KvmMemory {

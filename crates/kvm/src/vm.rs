@@ -5,22 +5,25 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use shadow2::EngineError;
 use shadow2::paging::ControlState;
 use shadow2::paging::bits::cr;
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::KvmError;
 use crate::exits::{ExceptionFrame, ExitCounts};
 use crate::hyper::{self, HyperArea};
+use crate::kicks::Kicks;
 use crate::memory::KvmMemory;
 use crate::sregs;
 use crate::watchdog::Watchdog;
 
 /// Longest time one `KVM_RUN` may take before the guest is stopped, unless the owner sets
-/// another ([`Vm::set_deadline`]).
+/// another ([`VcpuRun::set_deadline`]).
 const RUN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// What one `KVM_RUN` ended with, before any handling.
@@ -44,25 +47,43 @@ pub(crate) enum RawExit {
     },
 }
 
-/// A VM and its vcpus. Its owner must keep the [`KvmMemory`] it was created on mapped for
-/// as long as the `Vm` lives (declare the `Vm` before the memory, so it is dropped first).
+/// A VM, its memory slot, and its vcpus before they are handed to the threads that run
+/// them ([`VcpuRun`]). Its owner must keep the [`KvmMemory`] it was created on mapped for as
+/// long as the VM and its vcpus live (declare them before the memory, so they are dropped
+/// first).
 #[derive(Debug)]
 pub(crate) struct Vm {
-    vcpus: Vec<VcpuFd>,
+    vcpus: Vec<Option<VcpuRun>>,
     region: kvm_userspace_memory_region,
     vm: VmFd,
     _kvm: Kvm,
-    /// Vcpus whose last exit was an I/O exit KVM has not completed yet.
-    io_pending: Vec<bool>,
-    /// Vcpus that exited from a ring-0 stub (their segment registers are the stub's).
-    in_stub: Vec<bool>,
+    kicks: Arc<Kicks>,
+    /// Zaps of every translation KVM caches.
+    pub(crate) tlb_flushes: u64,
+}
+
+/// One vcpu, run by one thread at a time: its fd, what its last exit left pending, its
+/// exits, and its watchdog.
+#[derive(Debug)]
+pub(crate) struct VcpuRun {
+    fd: VcpuFd,
+    v: usize,
+    /// Its last exit was an I/O exit KVM has not completed yet.
+    io_pending: bool,
+    /// It exited from a ring-0 stub (its segment registers are the stub's).
+    in_stub: bool,
     pub(crate) exits: ExitCounts,
     watchdog: Watchdog,
     deadline: Duration,
+    kicks: Arc<Kicks>,
 }
 
 pub(crate) fn memory_error(e: impl std::fmt::Debug) -> KvmError {
     KvmError::Memory(format!("{e:?}"))
+}
+
+fn no_vcpu() -> KvmError {
+    KvmError::Engine(EngineError::BadArgument("no such vcpu"))
 }
 
 impl Vm {
@@ -88,28 +109,30 @@ impl Vm {
         // Rust references (every access goes through vm-memory's volatile copies).
         unsafe { vm.set_user_memory_region(region)? };
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-        let mut fds = Vec::with_capacity(vcpus);
+        let kicks = Arc::new(Kicks::new(vcpus));
+        let mut runs = Vec::with_capacity(vcpus);
         for id in 0..vcpus {
-            let vcpu = vm.create_vcpu(id as u64)?;
-            vcpu.set_cpuid2(&cpuid)?;
-            fds.push(vcpu);
+            let fd = vm.create_vcpu(id as u64)?;
+            fd.set_cpuid2(&cpuid)?;
+            runs.push(Some(VcpuRun {
+                fd,
+                v: id,
+                io_pending: false,
+                in_stub: false,
+                exits: ExitCounts::default(),
+                watchdog: Watchdog::new(),
+                deadline: RUN_DEADLINE,
+                kicks: Arc::clone(&kicks),
+            }));
         }
         Ok(Vm {
-            io_pending: vec![false; fds.len()],
-            in_stub: vec![false; fds.len()],
-            vcpus: fds,
+            vcpus: runs,
             region,
             vm,
             _kvm: kvm,
-            exits: ExitCounts::default(),
-            watchdog: Watchdog::new(),
-            deadline: RUN_DEADLINE,
+            kicks,
+            tlb_flushes: 0,
         })
-    }
-
-    /// Sets the longest time one `KVM_RUN` may take.
-    pub(crate) fn set_deadline(&mut self, deadline: Duration) {
-        self.deadline = deadline;
     }
 
     /// The number of vcpus.
@@ -117,18 +140,28 @@ impl Vm {
         self.vcpus.len()
     }
 
-    /// Vcpu `v`.
-    pub(crate) fn vcpu(&self, v: usize) -> Result<&VcpuFd, KvmError> {
+    /// Vcpu `v`, while the VM still holds it.
+    pub(crate) fn vcpu(&mut self, v: usize) -> Result<&mut VcpuRun, KvmError> {
         self.vcpus
-            .get(v)
-            .ok_or(KvmError::Engine(EngineError::BadArgument("no such vcpu")))
+            .get_mut(v)
+            .and_then(Option::as_mut)
+            .ok_or_else(no_vcpu)
+    }
+
+    /// Hands vcpu `v` to whoever runs it from now on.
+    pub(crate) fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError> {
+        self.vcpus
+            .get_mut(v)
+            .and_then(Option::take)
+            .ok_or_else(no_vcpu)
     }
 
     /// Drops every translation KVM caches for every vcpu. On a shadow-MMU KVM (PVM here)
     /// KVM keeps its own shadows of the tables the hardware runs on, write-protected against
     /// the guest but blind to this process's writes, and neither a CR3 reload nor a CR4
     /// change through `KVM_SET_SREGS` resyncs them (measured: a zapped writable entry stays
-    /// usable). Deleting the memory slot and adding it back zaps all of them.
+    /// usable). Deleting the memory slot and adding it back zaps all of them (KVM waits for
+    /// every vcpu to leave the guest first).
     pub(crate) fn zap(&mut self) -> Result<(), KvmError> {
         let mut gone = self.region;
         gone.memory_size = 0;
@@ -137,30 +170,42 @@ impl Vm {
             self.vm.set_user_memory_region(gone)?;
             self.vm.set_user_memory_region(self.region)?;
         }
-        self.exits.tlb_flushes += 1;
+        self.tlb_flushes += 1;
         Ok(())
     }
 
-    /// Loads vcpu `v`'s paging registers with `hw` (long mode always: the hardware pages in
-    /// 4 levels here), which also flushes its TLB as a CR3 load does.
-    pub(crate) fn load_paging(&mut self, v: usize, hw: &ControlState) -> Result<(), KvmError> {
-        let vcpu = self.vcpu(v)?;
-        let mut s = vcpu.get_sregs()?;
+    /// Has vcpu `v` load `hw` before it runs again (kicking it out of `KVM_RUN` if it is in
+    /// there on another thread, and waiting until it is out).
+    pub(crate) fn post_paging(&mut self, v: usize, hw: ControlState) {
+        let _ = self.kicks.post(v, hw);
+    }
+}
+
+impl VcpuRun {
+    /// The fd, for register access.
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets the longest time one `KVM_RUN` may take.
+    pub(crate) fn set_deadline(&mut self, deadline: Duration) {
+        self.deadline = deadline;
+    }
+
+    /// Loads its paging registers with `hw` (long mode always: the hardware pages in 4
+    /// levels here), which also flushes its TLB as a CR3 load does.
+    fn load_paging(&mut self, hw: &ControlState) -> Result<(), KvmError> {
+        let mut s = self.fd.get_sregs()?;
         apply_paging(&mut s, hw);
-        vcpu.set_sregs(&s)?;
+        self.fd.set_sregs(&s)?;
         self.exits.cr3_reloads += 1;
         Ok(())
     }
 
-    /// Sets vcpu `v`'s descriptor tables and segments (ring 1, 64-bit) and, if given, its
-    /// paging registers.
-    pub(crate) fn init_vcpu(
-        &mut self,
-        v: usize,
-        hw: Option<&ControlState>,
-    ) -> Result<(), KvmError> {
-        let vcpu = self.vcpu(v)?;
-        let mut s = vcpu.get_sregs()?;
+    /// Sets its descriptor tables and segments (ring 1, 64-bit) and, if given, its paging
+    /// registers.
+    pub(crate) fn init(&mut self, hw: Option<&ControlState>) -> Result<(), KvmError> {
+        let mut s = self.fd.get_sregs()?;
         s.cs = sregs::flat(hyper::RING1_CS, 1, true, true);
         s.ss = sregs::flat(hyper::RING1_DS, 1, false, false);
         s.ds = s.ss;
@@ -176,60 +221,67 @@ impl Vm {
         if let Some(hw) = hw {
             apply_paging(&mut s, hw);
         }
-        vcpu.set_sregs(&s)?;
+        self.fd.set_sregs(&s)?;
         Ok(())
     }
 
-    /// Runs vcpu `v` until its next exit: an `out` of the guest to its report port, or an
-    /// exception a stub reported. A death (an exit of another kind, an exception in ring
+    /// Runs until its next exit: an `out` of the guest to its report port, or an exception
+    /// a stub reported (its frame read from `mem`). Paging posted to it is loaded first,
+    /// and again after each kick. A death (an exit of another kind, an exception in ring
     /// 0, an `out` to a port the guest may not use) or the watchdog is an error.
     pub(crate) fn run_raw(
         &mut self,
-        mem: &KvmMemory,
+        mem: &GuestMemoryMmap<()>,
         hyper: &HyperArea,
-        v: usize,
     ) -> Result<RawExit, KvmError> {
-        let _deadline = self.watchdog.arm(self.deadline);
-        let vcpu = self
-            .vcpus
-            .get_mut(v)
-            .ok_or(KvmError::Engine(EngineError::BadArgument("no such vcpu")))?;
-        let exit = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut value = [0u8; 4];
-                let n = data.len().min(4);
-                value[..n].copy_from_slice(&data[..n]);
-                Ok((port, u32::from_le_bytes(value)))
+        let v = self.v;
+        let (port, value) = loop {
+            let posted = self.kicks.enter(v);
+            if let Some(hw) = posted
+                && let Err(e) = self.load_paging(&hw)
+            {
+                self.kicks.leave(v);
+                return Err(e);
             }
-            Ok(other) => Err(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR => {
-                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
-                return Err(KvmError::Watchdog {
-                    seconds: self.deadline.as_secs_f64(),
-                    rip,
-                });
+            let _deadline = self.watchdog.arm(self.deadline);
+            let exit = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let mut value = [0u8; 4];
+                    let n = data.len().min(4);
+                    value[..n].copy_from_slice(&data[..n]);
+                    Ok(Ok((port, u32::from_le_bytes(value))))
+                }
+                Ok(other) => Ok(Err(format!("{other:?}"))),
+                Err(e) => Err(e),
+            };
+            let kicked = self.kicks.leave(v);
+            match exit {
+                Ok(Ok(io)) => break io,
+                Ok(Err(reason)) => {
+                    self.exits.total += 1;
+                    let rip = self.fd.get_regs().map_or(0, |r| r.rip);
+                    return Err(KvmError::Died { reason, rip });
+                }
+                // Kicked for a post: load it and go on.
+                Err(e) if e.errno() == libc::EINTR && kicked => {}
+                Err(e) if e.errno() == libc::EINTR => {
+                    let rip = self.fd.get_regs().map_or(0, |r| r.rip);
+                    return Err(KvmError::Watchdog {
+                        seconds: self.deadline.as_secs_f64(),
+                        rip,
+                    });
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         };
         self.exits.total += 1;
-        let (port, value) = match exit {
-            Ok(io) => io,
-            Err(reason) => {
-                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
-                return Err(KvmError::Died { reason, rip });
-            }
-        };
-        if let Some(p) = self.io_pending.get_mut(v) {
-            *p = true;
-        }
-        if let Some(s) = self.in_stub.get_mut(v) {
-            *s = port != hyper::GUEST_PORT;
-        }
+        self.io_pending = true;
+        self.in_stub = port != hyper::GUEST_PORT;
         if port == hyper::GUEST_PORT {
             return Ok(RawExit::Io { port, value });
         }
         let vector = port.wrapping_sub(hyper::STUB_PORT_BASE);
-        let regs = self.vcpu(v)?.get_regs()?;
+        let regs = self.fd.get_regs()?;
         if vector >= u16::from(hyper::VECTORS) {
             return Err(KvmError::Died {
                 reason: format!("I/O to port {port:#x}"),
@@ -238,7 +290,7 @@ impl Vm {
         }
         let frame_gpa = frame_gpa(hyper, regs.rsp, regs.rip)?;
         let mut bytes = [0u8; ExceptionFrame::BYTES];
-        mem.read_bytes(frame_gpa, &mut bytes)
+        mem.read_slice(&mut bytes, GuestAddress(frame_gpa))
             .map_err(memory_error)?;
         let frame = ExceptionFrame::from_bytes(&bytes);
         if frame.cpl() == 0 {
@@ -254,24 +306,20 @@ impl Vm {
         })
     }
 
-    /// Whether vcpu `v` last exited from a ring-0 stub: its segment registers are the
-    /// stub's until it returns to the frame.
-    pub(crate) fn in_stub(&self, v: usize) -> bool {
-        self.in_stub.get(v).copied().unwrap_or(true)
+    /// Whether it last exited from a ring-0 stub: its segment registers are the stub's
+    /// until it returns to the frame.
+    pub(crate) fn in_stub(&self) -> bool {
+        self.in_stub
     }
 
-    /// Completes vcpu `v`'s pending I/O exit, as KVM requires before its registers are
+    /// Completes its pending I/O exit, as KVM requires before its registers are
     /// overwritten: one `KVM_RUN` with `immediate_exit` set.
-    pub(crate) fn complete_io(&mut self, v: usize) -> Result<(), KvmError> {
-        if !self.io_pending.get(v).copied().unwrap_or(false) {
+    pub(crate) fn complete_io(&mut self) -> Result<(), KvmError> {
+        if !self.io_pending {
             return Ok(());
         }
-        let vcpu = self
-            .vcpus
-            .get_mut(v)
-            .ok_or(KvmError::Engine(EngineError::BadArgument("no such vcpu")))?;
-        vcpu.set_kvm_immediate_exit(1);
-        let completed = match vcpu.run() {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Err(e) => Err(KvmError::from(e)),
             Ok(other) => Err(KvmError::Died {
@@ -279,13 +327,17 @@ impl Vm {
                 rip: 0,
             }),
         };
-        vcpu.set_kvm_immediate_exit(0);
+        self.fd.set_kvm_immediate_exit(0);
         completed?;
-        if let Some(p) = self.io_pending.get_mut(v) {
-            *p = false;
-        }
+        self.io_pending = false;
         self.exits.io_completions += 1;
         Ok(())
+    }
+}
+
+impl Drop for VcpuRun {
+    fn drop(&mut self) {
+        self.kicks.release(self.v);
     }
 }
 

@@ -57,6 +57,7 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
                 pool_pages,
                 linear_maps: hints,
                 teardown: TeardownHints::ALL,
+                vcpu_threads: guest.vcpus() > 1,
             },
         )
         .expect("kvm backend"),
@@ -127,6 +128,7 @@ fn config(spec: &RunSpec) -> KvmBackendConfig {
         pool_pages: 2048,
         linear_maps: shadow2_guest::linear_map_hints(spec),
         teardown: TeardownHints::ALL,
+        vcpu_threads: spec.guest.vcpus() > 1,
     }
 }
 
