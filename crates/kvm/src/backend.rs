@@ -70,6 +70,8 @@ pub(crate) trait Paging: Send + 'static {
     fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError>;
     /// Zaps of every translation KVM caches, so far.
     fn tlb_flushes(&self) -> u64;
+    /// Signals sent to take vcpus out of `KVM_RUN`, so far.
+    fn kicks_sent(&self) -> u64;
     /// The VM's memory.
     fn mem(&self) -> &KvmMemory;
     /// The hypervisor area.
@@ -240,12 +242,10 @@ impl<P: Paging> Runner<P> {
         data: &[u8],
     ) -> Result<(), OpError> {
         let hw = hardware_cpl(cpl);
-        let buffer_gpa = self.lock().hyper().buffer_gpa(hw);
-        let buffer_va = if hw == 3 {
-            hyper::USER_MAILBOX_VA
-        } else {
-            hyper::MAILBOX_VA
-        };
+        let (buffer_va, buffer_gpa) = self
+            .hyper
+            .buffer(v, hw)
+            .ok_or_else(|| OpError::Backend(format!("vcpu {v} has no mailbox")))?;
         let len = load.as_ref().map_or(data.len(), |b| b.len());
         if load.is_none() {
             self.lock()
@@ -688,9 +688,10 @@ pub(crate) struct Runner<P> {
     segments: Option<Segments>,
 }
 
-/// A guest operation for a runner.
+/// A guest operation for a vcpu (what [`GuestOps`] asks, as a value, so that it can be
+/// started on a vcpu's thread and waited for later).
 #[derive(Debug)]
-enum Cmd {
+pub enum VcpuOp {
     Read { va: u64, cpl: u8, len: usize },
     Write { va: u64, cpl: u8, data: Vec<u8> },
     Fetch { va: u64, cpl: u8, len: usize },
@@ -702,14 +703,18 @@ enum Cmd {
 /// exit counts so far.
 #[derive(Debug)]
 struct Reply {
-    result: Result<Answer, OpError>,
+    result: Result<VcpuAnswer, OpError>,
     exits: ExitCounts,
 }
 
+/// What a [`VcpuOp`] ends with.
 #[derive(Debug)]
-enum Answer {
+pub enum VcpuAnswer {
+    /// A store, a control-register write or an INVLPG completed.
     Done,
+    /// The bytes a load or fetch got.
     Bytes(Vec<u8>),
+    /// The registers after an executed instruction.
     Regs(Regs),
 }
 
@@ -744,25 +749,25 @@ impl<P: Paging> Runner<P> {
     }
 
     /// Carries out one guest operation.
-    fn serve(&mut self, cmd: Cmd) -> Reply {
+    fn serve(&mut self, cmd: VcpuOp) -> Reply {
         let v = self.v;
         let result = match cmd {
-            Cmd::Read { va, cpl, len } => {
+            VcpuOp::Read { va, cpl, len } => {
                 let mut buf = vec![0u8; len];
                 self.copy(v, va, cpl, Some(&mut buf), &[])
-                    .map(|()| Answer::Bytes(buf))
+                    .map(|()| VcpuAnswer::Bytes(buf))
             }
-            Cmd::Write { va, cpl, data } => {
-                self.copy(v, va, cpl, None, &data).map(|()| Answer::Done)
-            }
-            Cmd::Fetch { va, cpl, len } => {
+            VcpuOp::Write { va, cpl, data } => self
+                .copy(v, va, cpl, None, &data)
+                .map(|()| VcpuAnswer::Done),
+            VcpuOp::Fetch { va, cpl, len } => {
                 let mut buf = vec![0u8; len];
                 self.fetch_at(v, va, cpl, &mut buf)
-                    .map(|()| Answer::Bytes(buf))
+                    .map(|()| VcpuAnswer::Bytes(buf))
             }
-            Cmd::Exec(mut regs) => self.exec_one(v, &mut regs).map(|()| Answer::Regs(regs)),
-            Cmd::Privileged(op, arg, ctl) => {
-                self.privileged(v, op, arg, ctl).map(|()| Answer::Done)
+            VcpuOp::Exec(mut regs) => self.exec_one(v, &mut regs).map(|()| VcpuAnswer::Regs(regs)),
+            VcpuOp::Privileged(op, arg, ctl) => {
+                self.privileged(v, op, arg, ctl).map(|()| VcpuAnswer::Done)
             }
         };
         Reply {
@@ -780,7 +785,7 @@ fn lock<P>(m: &Mutex<P>) -> MutexGuard<'_, P> {
 enum Vcpu<P> {
     Here(Box<Runner<P>>),
     Thread {
-        to: Option<Sender<Cmd>>,
+        to: Option<Sender<VcpuOp>>,
         from: Receiver<Reply>,
         thread: Option<JoinHandle<()>>,
         exits: ExitCounts,
@@ -839,7 +844,7 @@ impl<P: Paging> Backend<P> {
                 out.push(Vcpu::Here(Box::new(runner)));
                 continue;
             }
-            let (to, commands) = channel::<Cmd>();
+            let (to, commands) = channel::<VcpuOp>();
             let (replies, from) = channel::<Reply>();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{v}"))
@@ -887,7 +892,9 @@ impl<P: Paging> Backend<P> {
             };
             total = total.plus(&e);
         }
-        total.tlb_flushes += self.machine().tlb_flushes();
+        let m = self.machine();
+        total.tlb_flushes += m.tlb_flushes();
+        total.kicks += m.kicks_sent();
         total
     }
 
@@ -910,8 +917,46 @@ impl<P: Paging> Backend<P> {
         Ok(())
     }
 
+    /// Starts `op` on vcpu `v`, which must run on a thread of its own, without waiting for
+    /// it: other vcpus can be driven meanwhile (and run while this one is in `KVM_RUN`).
+    pub(crate) fn start(&mut self, v: usize, op: VcpuOp) -> Result<(), OpError> {
+        match self.vcpus.get_mut(v) {
+            Some(Vcpu::Thread { to, .. }) => {
+                if to.as_ref().is_some_and(|t| t.send(op).is_ok()) {
+                    self.ops += 1;
+                    Ok(())
+                } else {
+                    Err(OpError::Backend(format!("vcpu {v}'s thread is gone")))
+                }
+            }
+            _ => Err(OpError::Backend(format!(
+                "vcpu {v} does not run on a thread of its own"
+            ))),
+        }
+    }
+
+    /// Waits for the operation started on vcpu `v`.
+    pub(crate) fn wait(&mut self, v: usize) -> Result<VcpuAnswer, OpError> {
+        let reply = match self.vcpus.get_mut(v) {
+            Some(Vcpu::Thread { from, exits, .. }) => {
+                let reply = from
+                    .recv()
+                    .map_err(|_| OpError::Backend(format!("vcpu {v}'s thread is gone")))?;
+                *exits = reply.exits;
+                reply
+            }
+            _ => {
+                return Err(OpError::Backend(format!(
+                    "vcpu {v} does not run on a thread of its own"
+                )));
+            }
+        };
+        self.machine().after_op().map_err(backend)?;
+        reply.result
+    }
+
     /// Has vcpu `v` carry out `cmd`, then the machine's bookkeeping after it.
-    fn call(&mut self, v: usize, cmd: Cmd) -> Result<Answer, OpError> {
+    fn call(&mut self, v: usize, cmd: VcpuOp) -> Result<VcpuAnswer, OpError> {
         self.ops += 1;
         let reply = match self.vcpus.get_mut(v) {
             Some(Vcpu::Here(r)) => r.serve(cmd),
@@ -932,7 +977,7 @@ impl<P: Paging> Backend<P> {
     }
 }
 
-fn done(answer: Result<Answer, OpError>) -> Result<(), OpError> {
+fn done(answer: Result<VcpuAnswer, OpError>) -> Result<(), OpError> {
     answer.map(|_| ())
 }
 
@@ -970,8 +1015,8 @@ impl<P: Paging> GuestOps for Backend<P> {
     fn read(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "load")?;
         let len = buf.len();
-        match self.call(vcpu, Cmd::Read { va, cpl, len })? {
-            Answer::Bytes(b) if b.len() == len => {
+        match self.call(vcpu, VcpuOp::Read { va, cpl, len })? {
+            VcpuAnswer::Bytes(b) if b.len() == len => {
                 buf.copy_from_slice(&b);
                 Ok(())
             }
@@ -982,14 +1027,14 @@ impl<P: Paging> GuestOps for Backend<P> {
     fn write(&mut self, vcpu: usize, va: u64, cpl: u8, data: &[u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, data.len(), "store")?;
         let data = data.to_vec();
-        done(self.call(vcpu, Cmd::Write { va, cpl, data }))
+        done(self.call(vcpu, VcpuOp::Write { va, cpl, data }))
     }
 
     fn fetch(&mut self, vcpu: usize, va: u64, cpl: u8, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_access(vcpu, va, buf.len(), "fetch")?;
         let len = buf.len();
-        match self.call(vcpu, Cmd::Fetch { va, cpl, len })? {
-            Answer::Bytes(b) if b.len() == len => {
+        match self.call(vcpu, VcpuOp::Fetch { va, cpl, len })? {
+            VcpuAnswer::Bytes(b) if b.len() == len => {
                 buf.copy_from_slice(&b);
                 Ok(())
             }
@@ -999,8 +1044,8 @@ impl<P: Paging> GuestOps for Backend<P> {
 
     fn exec(&mut self, vcpu: usize, regs: &mut Regs) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
-        match self.call(vcpu, Cmd::Exec(*regs))? {
-            Answer::Regs(r) => {
+        match self.call(vcpu, VcpuOp::Exec(*regs))? {
+            VcpuAnswer::Regs(r) => {
                 *regs = r;
                 Ok(())
             }
@@ -1010,7 +1055,7 @@ impl<P: Paging> GuestOps for Backend<P> {
 
     fn set_control(&mut self, vcpu: usize, ctl: ControlState) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
-        done(self.call(vcpu, Cmd::Privileged(Privileged::Control, ctl.cr0, ctl)))
+        done(self.call(vcpu, VcpuOp::Privileged(Privileged::Control, ctl.cr0, ctl)))
     }
 
     fn set_cr3(&mut self, vcpu: usize, cr3: u64) -> Result<(), OpError> {
@@ -1019,13 +1064,13 @@ impl<P: Paging> GuestOps for Backend<P> {
             cr3,
             ..self.machine().guest_control(vcpu)
         };
-        done(self.call(vcpu, Cmd::Privileged(Privileged::Cr3, cr3, ctl)))
+        done(self.call(vcpu, VcpuOp::Privileged(Privileged::Cr3, cr3, ctl)))
     }
 
     fn invlpg(&mut self, vcpu: usize, va: u64) -> Result<(), OpError> {
         self.check_vcpu(vcpu)?;
         let ctl = self.machine().guest_control(vcpu);
-        done(self.call(vcpu, Cmd::Privileged(Privileged::Invlpg, va, ctl)))
+        done(self.call(vcpu, VcpuOp::Privileged(Privileged::Invlpg, va, ctl)))
     }
 }
 
@@ -1042,6 +1087,17 @@ macro_rules! public_backend {
             /// Guest operations carried out (image loads not counted).
             pub fn guest_ops(&self) -> u64 {
                 self.0.guest_ops()
+            }
+
+            /// Starts `op` on vcpu `v` (which runs on a thread of its own) without waiting
+            /// for it, so that several vcpus run at once; [`Self::wait`] gets its answer.
+            pub fn start(&mut self, v: usize, op: $crate::backend::VcpuOp) -> Result<(), OpError> {
+                self.0.start(v, op)
+            }
+
+            /// Waits for the operation started on vcpu `v`.
+            pub fn wait(&mut self, v: usize) -> Result<$crate::backend::VcpuAnswer, OpError> {
+                self.0.wait(v)
             }
 
             /// Reads guest-physical memory (to compare a run's final memory with another

@@ -134,6 +134,9 @@ pub struct ExitCounts {
     pub cr3_reloads: u64,
     /// Flushes of every translation KVM caches, carried out for the engine's flushes.
     pub tlb_flushes: u64,
+    /// Signals sent to vcpus on other threads to take them out of `KVM_RUN` for a paging
+    /// change posted to them (not in `total`).
+    pub kicks: u64,
     /// `KVM_RUN` calls with `immediate_exit` that complete an I/O exit before the VMM sets
     /// registers (no guest instruction runs; not in `total`).
     pub io_completions: u64,
@@ -157,11 +160,12 @@ impl ExitCounts {
             cr3_reloads: self.cr3_reloads + other.cr3_reloads,
             tlb_flushes: self.tlb_flushes + other.tlb_flushes,
             io_completions: self.io_completions + other.io_completions,
+            kicks: self.kicks + other.kicks,
         }
     }
 
     /// Every count by kind, named as `--json` prints them (`total` first).
-    pub fn by_kind(&self) -> [(&'static str, u64); 14] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 15] {
         [
             ("total", self.total),
             ("pf_fixed", self.pf_fixed),
@@ -177,6 +181,7 @@ impl ExitCounts {
             ("cr3_reloads", self.cr3_reloads),
             ("tlb_flushes", self.tlb_flushes),
             ("io_completions", self.io_completions),
+            ("kicks", self.kicks),
         ]
     }
 }

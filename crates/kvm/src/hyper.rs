@@ -21,26 +21,69 @@ pub const HOLE_BASE: u64 = 0xffff_ff00_0000_0000;
 pub const GDT_VA: u64 = HOLE_BASE;
 /// The IDT (32 exception gates).
 pub const IDT_VA: u64 = HOLE_BASE + 0x1000;
-/// The TSS, followed by its I/O bitmap (4 pages).
-pub const TSS_VA: u64 = HOLE_BASE + 0x2000;
 /// The trap stubs.
 pub const STUBS_VA: u64 = HOLE_BASE + 0x6000;
-/// The mailbox page (ring 0 writes, the VMM reads).
-pub const MAILBOX_VA: u64 = HOLE_BASE + 0x7000;
-/// The ring-0 stack (2 pages below RSP0, a guard page on each side).
-pub const STACK_VA: u64 = HOLE_BASE + 0x9000;
-/// TSS.RSP0.
-pub const RSP0: u64 = STACK_VA + 0x2000;
-/// The #DF stack (IST1).
-pub const DF_STACK_VA: u64 = HOLE_BASE + 0xc000;
-/// TSS.IST1.
-pub const IST1: u64 = DF_STACK_VA + 0x1000;
 /// The executor run at CPL1 (supervisor page).
 pub const EXEC_KERNEL_VA: u64 = HOLE_BASE + 0xe000;
 /// The executor run at CPL3 (user page).
 pub const EXEC_USER_VA: u64 = HOLE_BASE + 0xf000;
-/// The data buffer of operations at CPL3 (user page; the kernel one is the mailbox).
-pub const USER_MAILBOX_VA: u64 = HOLE_BASE + 0x10000;
+
+/// Vcpus the area has room for (each has its own block: TSS, mailboxes, stacks).
+pub const MAX_VCPUS: usize = 8;
+/// Where vcpu 0's block starts; vcpu `v`'s is [`BLOCK_BYTES`] further on per vcpu.
+const BLOCKS_VA: u64 = HOLE_BASE + 0x10_0000;
+const BLOCK_BYTES: u64 = 0x1_0000;
+/// Offsets in a vcpu's block.
+const TSS_OFFSET: u64 = 0;
+const MAILBOX_OFFSET: u64 = 0x4000;
+const USER_MAILBOX_OFFSET: u64 = 0x5000;
+const STACK_OFFSET: u64 = 0x7000;
+const DF_STACK_OFFSET: u64 = 0xa000;
+
+fn block_va(v: usize) -> u64 {
+    BLOCKS_VA + v as u64 * BLOCK_BYTES
+}
+
+/// Vcpu `v`'s TSS, followed by its I/O bitmap (4 pages).
+pub fn tss_va(v: usize) -> u64 {
+    block_va(v) + TSS_OFFSET
+}
+
+/// Vcpu `v`'s mailbox: the data of its operations at CPL 0-2 (ring 0 and 1 write, the VMM
+/// reads).
+pub fn mailbox_va(v: usize) -> u64 {
+    block_va(v) + MAILBOX_OFFSET
+}
+
+/// Vcpu `v`'s user mailbox: the data of its operations at CPL3 (a user page).
+pub fn user_mailbox_va(v: usize) -> u64 {
+    block_va(v) + USER_MAILBOX_OFFSET
+}
+
+/// Vcpu `v`'s ring-0 stack (2 pages below its RSP0, a guard page on each side).
+pub fn stack_va(v: usize) -> u64 {
+    block_va(v) + STACK_OFFSET
+}
+
+/// Vcpu `v`'s TSS.RSP0.
+pub fn rsp0(v: usize) -> u64 {
+    stack_va(v) + 0x2000
+}
+
+/// Vcpu `v`'s #DF stack (IST1, one page).
+pub fn df_stack_va(v: usize) -> u64 {
+    block_va(v) + DF_STACK_OFFSET
+}
+
+/// Vcpu `v`'s TSS.IST1.
+pub fn ist1(v: usize) -> u64 {
+    df_stack_va(v) + 0x1000
+}
+
+/// Vcpu `v`'s TSS selector.
+pub fn tss_sel(v: usize) -> u16 {
+    FIRST_TSS_SEL + 16 * v as u16
+}
 
 /// Ring-0 code (64-bit).
 pub const KERNEL_CS: u16 = 0x08;
@@ -56,12 +99,12 @@ pub const USER_DS: u16 = 0x28 | 3;
 pub const USER_CS: u16 = 0x30 | 3;
 /// Ring-1 code (32-bit, compatibility mode).
 pub const RING1_CS32: u16 = 0x38 | 1;
-/// The TSS.
-pub const TSS_SEL: u16 = 0x40;
 /// Ring-3 code (32-bit, compatibility mode).
 pub const USER_CS32: u16 = 0x50 | 3;
+/// Vcpu 0's TSS (each vcpu's is 16 bytes further on).
+const FIRST_TSS_SEL: u16 = 0x60;
 /// The GDT's limit.
-pub const GDT_LIMIT: u16 = 0x57;
+pub const GDT_LIMIT: u16 = FIRST_TSS_SEL + 16 * MAX_VCPUS as u16 - 1;
 
 /// The port a guest reports to (the only one its I/O bitmap opens: 4 ports from here).
 pub const GUEST_PORT: u16 = 0x10;
@@ -89,10 +132,8 @@ pub struct HyperArea {
     /// The executor's layout (its copies at [`EXEC_KERNEL_VA`] and [`EXEC_USER_VA`]).
     pub executor: Executor,
     frames: Vec<Mfn>,
-    stack: Mfn,
-    df_stack: Mfn,
-    mailbox: Mfn,
-    user_mailbox: Mfn,
+    /// Each vcpu's writable pages: (linear address, frame).
+    writable: Vec<(u64, Mfn)>,
     exec_kernel: Mfn,
     exec_user: Mfn,
 }
@@ -112,8 +153,14 @@ impl Builder<'_> {
 }
 
 impl HyperArea {
-    /// Builds every table and stub in `mem`.
-    pub fn build(mem: &mut KvmMemory) -> Result<HyperArea, KvmError> {
+    /// Builds every table and stub in `mem`, with a block (TSS, mailboxes, stacks) for each
+    /// of `vcpus` vcpus (at most [`MAX_VCPUS`]).
+    pub fn build(mem: &mut KvmMemory, vcpus: usize) -> Result<HyperArea, KvmError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(KvmError::Memory(format!(
+                "the hypervisor area has room for 1 to {MAX_VCPUS} vcpus, not {vcpus}"
+            )));
+        }
         let mut b = Builder {
             mem,
             frames: Vec::new(),
@@ -123,16 +170,12 @@ impl HyperArea {
         let l1 = b.alloc(0)?;
         let gdt = b.alloc(0)?;
         let idt = b.alloc(0)?;
-        let tss = b.alloc(2)?;
         let stubs = b.alloc(0)?;
-        let mailbox = b.alloc(0)?;
-        let stack = b.alloc(1)?;
-        let df_stack = b.alloc(0)?;
         let exec_kernel = b.alloc(0)?;
         let exec_user = b.alloc(0)?;
-        let user_mailbox = b.alloc(0)?;
 
-        // User at the upper levels: each leaf decides (all supervisor but three).
+        // User at the upper levels: each leaf decides (all supervisor but the user
+        // executor and the user mailboxes).
         let upper = bits::P | bits::RW | bits::US | bits::A;
         write_u64(b.mem, l3.base().raw(), l2.base().raw() | upper)?;
         write_u64(b.mem, l2.base().raw(), l1.base().raw() | upper)?;
@@ -142,27 +185,46 @@ impl HyperArea {
             (GDT_VA, gdt, read_only),
             (IDT_VA, idt, read_only),
             (STUBS_VA, stubs, bits::P | bits::A),
-            (MAILBOX_VA, mailbox, writable),
-            (DF_STACK_VA, df_stack, writable),
             (EXEC_KERNEL_VA, exec_kernel, bits::P | bits::A),
             (EXEC_USER_VA, exec_user, bits::P | bits::US | bits::A),
-            (USER_MAILBOX_VA, user_mailbox, writable | bits::US),
         ];
-        for i in 0..4 {
-            pages.push((TSS_VA + i * 4096, Mfn::new(tss.raw() + i), read_only));
-        }
-        for i in 0..2 {
-            pages.push((STACK_VA + i * 4096, Mfn::new(stack.raw() + i), writable));
+        let mut writable_pages = Vec::new();
+        let mut tsses = Vec::new();
+        for v in 0..vcpus {
+            let tss = b.alloc(2)?;
+            for i in 0..4 {
+                pages.push((tss_va(v) + i * 4096, Mfn::new(tss.raw() + i), read_only));
+            }
+            tsses.push(tss);
+            let mailbox = b.alloc(0)?;
+            let user_mailbox = b.alloc(0)?;
+            let stack = b.alloc(1)?;
+            let df_stack = b.alloc(0)?;
+            pages.push((mailbox_va(v), mailbox, writable));
+            pages.push((user_mailbox_va(v), user_mailbox, writable | bits::US));
+            pages.push((df_stack_va(v), df_stack, writable));
+            writable_pages.extend([
+                (mailbox_va(v), mailbox),
+                (user_mailbox_va(v), user_mailbox),
+                (df_stack_va(v), df_stack),
+            ]);
+            for i in 0..2 {
+                let page = Mfn::new(stack.raw() + i);
+                pages.push((stack_va(v) + i * 4096, page, writable));
+                writable_pages.push((stack_va(v) + i * 4096, page));
+            }
         }
         for (va, mfn, flags) in pages {
             let index = (va - HOLE_BASE) >> 12;
             write_u64(b.mem, l1.base().raw() + 8 * index, mfn.base().raw() | flags)?;
         }
 
-        write_gdt(b.mem, gdt)?;
+        write_gdt(b.mem, gdt, vcpus)?;
         let stub_ips = write_stubs(b.mem, stubs)?;
         write_idt(b.mem, idt, &stub_ips)?;
-        write_tss(b.mem, tss)?;
+        for (v, tss) in tsses.into_iter().enumerate() {
+            write_tss(b.mem, tss, v)?;
+        }
         let (code, executor) = Executor::assemble()?;
         for page in [exec_kernel, exec_user] {
             b.mem
@@ -174,10 +236,7 @@ impl HyperArea {
             l3,
             executor,
             frames,
-            stack,
-            df_stack,
-            mailbox,
-            user_mailbox,
+            writable: writable_pages,
             exec_kernel,
             exec_user,
         })
@@ -193,26 +252,24 @@ impl HyperArea {
         (self.exec_kernel, self.exec_user)
     }
 
-    /// The VM-physical address of the data buffer of operations at `cpl` (the mailbox at
-    /// CPL 0-2, the user mailbox at CPL3).
-    pub fn buffer_gpa(&self, cpl: u8) -> u64 {
-        if cpl == 3 {
-            self.user_mailbox.base().raw()
+    /// Vcpu `v`'s data buffer for operations at `cpl` (its mailbox at CPL 0-2, its user
+    /// mailbox at CPL3): linear and VM-physical address.
+    pub fn buffer(&self, v: usize, cpl: u8) -> Option<(u64, u64)> {
+        let va = if cpl == 3 {
+            user_mailbox_va(v)
         } else {
-            self.mailbox.base().raw()
-        }
+            mailbox_va(v)
+        };
+        Some((va, self.writable_gpa(va)?))
     }
 
-    /// The VM-physical address of a ring-0 stack or mailbox address, if it is one.
+    /// The VM-physical address of an address in a ring-0 stack or a mailbox, if it is one.
     pub fn writable_gpa(&self, va: u64) -> Option<u64> {
-        let within = |start: u64, len: u64, mfn: Mfn| {
-            (start..start + len)
+        self.writable.iter().find_map(|&(start, mfn)| {
+            (start..start + 4096)
                 .contains(&va)
                 .then(|| mfn.base().raw() + (va - start))
-        };
-        within(STACK_VA, 0x2000, self.stack)
-            .or_else(|| within(DF_STACK_VA, 0x1000, self.df_stack))
-            .or_else(|| within(MAILBOX_VA, 0x1000, self.mailbox))
+        })
     }
 }
 
@@ -228,7 +285,7 @@ fn descriptor(dpl: u64, code: bool, long: bool) -> u64 {
     0xffff | (access << 40) | (0xf << 48) | (flags << 52)
 }
 
-fn write_gdt(mem: &KvmMemory, gdt: Mfn) -> Result<(), KvmError> {
+fn write_gdt(mem: &KvmMemory, gdt: Mfn, vcpus: usize) -> Result<(), KvmError> {
     let base = gdt.base().raw();
     let entries = [
         (KERNEL_CS, descriptor(0, true, true)),
@@ -243,16 +300,19 @@ fn write_gdt(mem: &KvmMemory, gdt: Mfn) -> Result<(), KvmError> {
     for (selector, d) in entries {
         write_u64(mem, base + u64::from(selector & !7), d)?;
     }
-    // A busy 64-bit TSS (type 0xB), 16 bytes.
-    let t = TSS_VA;
-    let limit = u64::from(TSS_LIMIT);
-    let low = (limit & 0xffff)
-        | ((t & 0xff_ffff) << 16)
-        | (0x8b << 40)
-        | (((limit >> 16) & 0xf) << 48)
-        | (((t >> 24) & 0xff) << 56);
-    write_u64(mem, base + u64::from(TSS_SEL), low)?;
-    write_u64(mem, base + u64::from(TSS_SEL) + 8, t >> 32)
+    // A busy 64-bit TSS (type 0xB), 16 bytes, per vcpu.
+    for v in 0..vcpus {
+        let t = tss_va(v);
+        let limit = u64::from(TSS_LIMIT);
+        let low = (limit & 0xffff)
+            | ((t & 0xff_ffff) << 16)
+            | (0x8b << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((t >> 24) & 0xff) << 56);
+        write_u64(mem, base + u64::from(tss_sel(v)), low)?;
+        write_u64(mem, base + u64::from(tss_sel(v)) + 8, t >> 32)?;
+    }
+    Ok(())
 }
 
 /// Assembles one stub per exception: a dummy error code where the CPU pushes none, `out`
@@ -308,10 +368,10 @@ fn write_idt(mem: &KvmMemory, idt: Mfn, stub_ips: &[u64]) -> Result<(), KvmError
     Ok(())
 }
 
-fn write_tss(mem: &KvmMemory, tss: Mfn) -> Result<(), KvmError> {
+fn write_tss(mem: &KvmMemory, tss: Mfn, v: usize) -> Result<(), KvmError> {
     let base = tss.base().raw();
-    write_u64(mem, base + 4, RSP0)?;
-    write_u64(mem, base + 0x24, IST1)?;
+    write_u64(mem, base + 4, rsp0(v))?;
+    write_u64(mem, base + 0x24, ist1(v))?;
     mem.write_bytes(base + 0x66, &(TSS_BYTES as u16).to_le_bytes())
         .map_err(|e| KvmError::Memory(format!("{e:?}")))?;
     // Every port denied (bit set) but the guest's four, and the closing all-ones byte.

@@ -31,10 +31,12 @@ struct Slot {
     thread: Mutex<Option<libc::pthread_t>>,
 }
 
-/// The slots of every vcpu of a VM.
+/// The slots of every vcpu of a VM, and the VM-wide pause a zap needs.
 #[derive(Debug)]
 pub struct Kicks {
     slots: Vec<Slot>,
+    /// No vcpu may enter `KVM_RUN` (the VM's memory slot is being replaced).
+    paused: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -46,6 +48,7 @@ impl Kicks {
     pub fn new(vcpus: usize) -> Kicks {
         Kicks {
             slots: (0..vcpus).map(|_| Slot::default()).collect(),
+            paused: AtomicBool::new(false),
         }
     }
 
@@ -77,8 +80,8 @@ impl Kicks {
         signals
     }
 
-    /// Marks vcpu `v` as entering `KVM_RUN` on the calling thread, and takes what was
-    /// posted to it (to load before it runs).
+    /// Marks vcpu `v` as entering `KVM_RUN` on the calling thread (waiting while the VM is
+    /// paused), and takes what was posted to it (to load before it runs).
     pub fn enter(&self, v: usize) -> Option<ControlState> {
         let slot = self.slots.get(v)?;
         {
@@ -88,8 +91,49 @@ impl Kicks {
                 *thread = Some(unsafe { libc::pthread_self() });
             }
         }
-        slot.running.store(true, Ordering::SeqCst);
+        loop {
+            slot.running.store(true, Ordering::SeqCst);
+            // Either the pauser sees `running` (and waits for this vcpu to leave), or this
+            // vcpu sees the pause and backs off.
+            if !self.paused.load(Ordering::SeqCst) {
+                break;
+            }
+            slot.running.store(false, Ordering::SeqCst);
+            while self.paused.load(Ordering::SeqCst) {
+                std::thread::sleep(KICK_INTERVAL);
+            }
+        }
         lock(&slot.posted).take()
+    }
+
+    /// Runs `f` while no vcpu is in `KVM_RUN`: every vcpu in it is signalled until it is
+    /// out, and none enters until `f` returns. (A VM without its memory slot, even for an
+    /// instant, must not run: a vcpu that entered then would fault on its own IDT.)
+    /// Returns `f`'s result and how many signals it took.
+    pub fn with_all_out<R>(&self, f: impl FnOnce() -> R) -> (R, u64) {
+        self.paused.store(true, Ordering::SeqCst);
+        let mut signals = 0;
+        for slot in &self.slots {
+            while slot.running.load(Ordering::SeqCst) {
+                let thread = lock(&slot.thread);
+                if let Some(t) = *thread
+                    && slot.running.load(Ordering::SeqCst)
+                {
+                    slot.kicked.store(true, Ordering::SeqCst);
+                    // SAFETY: as in `post`: the thread that set `running` clears `thread`
+                    // under this lock before it can exit.
+                    unsafe {
+                        libc::pthread_kill(t, SIGRTMIN());
+                    }
+                    signals += 1;
+                }
+                drop(thread);
+                std::thread::sleep(KICK_INTERVAL);
+            }
+        }
+        let result = f();
+        self.paused.store(false, Ordering::SeqCst);
+        (result, signals)
     }
 
     /// Marks vcpu `v` as out of `KVM_RUN`; returns whether it was kicked since it entered.

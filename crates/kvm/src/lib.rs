@@ -22,6 +22,7 @@ mod vm;
 #[allow(unsafe_code)]
 mod watchdog;
 
+pub use backend::{VcpuAnswer, VcpuOp};
 pub use exits::{ExceptionFrame, ExitCounts, GuestExit};
 pub use machine::{KvmConfig, KvmMachine};
 pub use memory::KvmMemory;

@@ -78,7 +78,7 @@ impl KvmMachine {
         let frames = cfg.frames;
         let pool_pages = cfg.pool_pages;
         let mut mem = KvmMemory::new(frames).map_err(memory_error)?;
-        let hyper = HyperArea::build(&mut mem)?;
+        let hyper = HyperArea::build(&mut mem, cfg.vcpus)?;
         let mut config = DomainConfig {
             external: false,
             host_maxphyaddr: probe.maxphyaddr,
@@ -128,6 +128,11 @@ impl KvmMachine {
     /// Zaps of every translation KVM caches, so far.
     pub(crate) fn tlb_flushes(&self) -> u64 {
         self.vm.tlb_flushes
+    }
+
+    /// Signals sent to take vcpus out of `KVM_RUN`, so far.
+    pub(crate) fn kicks_sent(&self) -> u64 {
+        self.vm.kicks_sent
     }
 
     /// The hypervisor area.

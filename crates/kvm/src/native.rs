@@ -79,7 +79,7 @@ impl NativeBackend {
     pub fn new(probe: &Probe, cfg: &KvmBackendConfig) -> Result<NativeBackend, KvmError> {
         let frames = cfg.ram_frames + EXTRA_FRAMES;
         let mut mem = KvmMemory::with_reserved(frames, cfg.ram_frames).map_err(memory_error)?;
-        let hyper = HyperArea::build(&mut mem)?;
+        let hyper = HyperArea::build(&mut mem, cfg.vcpus)?;
         let identity = identity_tables(&mut mem, &hyper, cfg.ram_frames)?;
         let vm = Vm::new(&mem, cfg.vcpus)?;
         let mut m = NativeMachine {
@@ -344,6 +344,10 @@ impl Paging for NativeMachine {
 
     fn tlb_flushes(&self) -> u64 {
         self.vm.tlb_flushes
+    }
+
+    fn kicks_sent(&self) -> u64 {
+        self.vm.kicks_sent
     }
 
     fn mem(&self) -> &KvmMemory {

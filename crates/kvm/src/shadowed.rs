@@ -136,6 +136,10 @@ impl Paging for KvmMachine {
         KvmMachine::tlb_flushes(self)
     }
 
+    fn kicks_sent(&self) -> u64 {
+        KvmMachine::kicks_sent(self)
+    }
+
     fn mem(&self) -> &KvmMemory {
         self.domain().host()
     }

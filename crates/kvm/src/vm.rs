@@ -60,6 +60,8 @@ pub(crate) struct Vm {
     kicks: Arc<Kicks>,
     /// Zaps of every translation KVM caches.
     pub(crate) tlb_flushes: u64,
+    /// Signals sent to take vcpus out of `KVM_RUN`.
+    pub(crate) kicks_sent: u64,
 }
 
 /// One vcpu, run by one thread at a time: its fd, what its last exit left pending, its
@@ -132,6 +134,7 @@ impl Vm {
             _kvm: kvm,
             kicks,
             tlb_flushes: 0,
+            kicks_sent: 0,
         })
     }
 
@@ -160,16 +163,22 @@ impl Vm {
     /// KVM keeps its own shadows of the tables the hardware runs on, write-protected against
     /// the guest but blind to this process's writes, and neither a CR3 reload nor a CR4
     /// change through `KVM_SET_SREGS` resyncs them (measured: a zapped writable entry stays
-    /// usable). Deleting the memory slot and adding it back zaps all of them (KVM waits for
-    /// every vcpu to leave the guest first).
+    /// usable). Deleting the memory slot and adding it back zaps all of them, with every
+    /// vcpu held out of `KVM_RUN` meanwhile.
     pub(crate) fn zap(&mut self) -> Result<(), KvmError> {
         let mut gone = self.region;
         gone.memory_size = 0;
-        // SAFETY: deleting the slot and adding back the same mapping (see `new`).
-        unsafe {
-            self.vm.set_user_memory_region(gone)?;
-            self.vm.set_user_memory_region(self.region)?;
-        }
+        let (vm, region) = (&self.vm, self.region);
+        // No vcpu may run while the VM has no memory.
+        let (result, signals) = self.kicks.with_all_out(|| {
+            // SAFETY: deleting the slot and adding back the same mapping (see `new`).
+            unsafe {
+                vm.set_user_memory_region(gone)?;
+                vm.set_user_memory_region(region)
+            }
+        });
+        self.kicks_sent += signals;
+        result?;
         self.tlb_flushes += 1;
         Ok(())
     }
@@ -177,7 +186,7 @@ impl Vm {
     /// Has vcpu `v` load `hw` before it runs again (kicking it out of `KVM_RUN` if it is in
     /// there on another thread, and waiting until it is out).
     pub(crate) fn post_paging(&mut self, v: usize, hw: ControlState) {
-        let _ = self.kicks.post(v, hw);
+        self.kicks_sent += self.kicks.post(v, hw);
     }
 }
 
@@ -212,7 +221,11 @@ impl VcpuRun {
         s.es = s.ss;
         s.fs = s.ss;
         s.gs = s.ss;
-        s.tr = sregs::tss(hyper::TSS_SEL, hyper::TSS_VA, hyper::TSS_LIMIT);
+        s.tr = sregs::tss(
+            hyper::tss_sel(self.v),
+            hyper::tss_va(self.v),
+            hyper::TSS_LIMIT,
+        );
         s.ldt = sregs::no_ldt();
         s.gdt.base = hyper::GDT_VA;
         s.gdt.limit = hyper::GDT_LIMIT;

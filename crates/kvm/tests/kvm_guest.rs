@@ -316,8 +316,8 @@ fn the_hypervisor_area_is_out_of_the_guests_reach() {
     build_tables(&mut m);
     for (va, write) in [
         (shadow2_kvm::hyper::IDT_VA, false),
-        (shadow2_kvm::hyper::STACK_VA, true),
-        (shadow2_kvm::hyper::MAILBOX_VA, true),
+        (shadow2_kvm::hyper::stack_va(0), true),
+        (shadow2_kvm::hyper::mailbox_va(0), true),
     ] {
         let marks = load_code(&mut m, |a, marks| {
             let mut access = a.create_label();
