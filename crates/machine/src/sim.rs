@@ -592,11 +592,13 @@ impl ShadowMachine {
                 format!("emulation at {gpa} but the guest says {expected:?}"),
             ),
         }
+        // The walk and its A/D writes come before the data write (SDM 4.8), which may
+        // rewrite the very entries the walk used (a self-map): judge them as they were.
+        self.check_ad(v, va, access, ctl);
         let flush = self
             .call(|d| d.write_guest_phys(gpa, data))
             .map_err(GuestError::Engine)?;
         self.settle(flush);
-        self.check_ad(v, va, access, ctl);
         Ok(Reached::Emulated)
     }
 
