@@ -8,12 +8,13 @@ mod cache_check;
 
 pub use cache_check::CacheViolation;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use shadow2::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
 use shadow2::domain::{Domain, DomainConfig, EmulateOutcome, EngineError, GuestFault};
 use shadow2::emulate::{
-    AtomicUpdate, EmuError, EmuFault, EmuMemory, Regs, emulate_write, page_pieces,
+    AtomicUpdate, EmuError, EmuFault, EmuMemory, Emulated, Regs, emulate_write, page_pieces,
     serial_compare_exchange,
 };
 use shadow2::flush::Flush;
@@ -108,6 +109,9 @@ pub struct ShadowMachine {
     accesses: u64,
     mismatches: Vec<Mismatch>,
     mismatch_count: u64,
+    /// Guest frames written by guest accesses since the last [`ShadowMachine::take_written`]
+    /// (what the instructions actually did, whatever the guest meant them to do).
+    written: BTreeSet<Gfn>,
     /// Time spent inside the engine on the access and trap paths.
     engine_time: Duration,
 }
@@ -140,6 +144,7 @@ impl ShadowMachine {
             accesses: 0,
             mismatches: Vec::new(),
             mismatch_count: 0,
+            written: BTreeSet::new(),
             engine_time: Duration::ZERO,
         })
     }
@@ -164,6 +169,13 @@ impl ShadowMachine {
     pub fn mismatches(&self) -> (u64, &[Mismatch]) {
         (self.mismatch_count, &self.mismatches)
     }
+    /// The guest frames guest accesses wrote since the last call (hardware writes, emulated
+    /// data writes and the writes of instructions the engine emulated), by the guest's own
+    /// translation at the time.
+    pub fn take_written(&mut self) -> BTreeSet<Gfn> {
+        core::mem::take(&mut self.written)
+    }
+
     /// Wall-clock time spent inside the engine so far on the access and trap paths (page
     /// faults, emulation, writes through the engine, CR3 / mode / control updates, INVLPG);
     /// the simulated hardware, the oracle and RAM setup are not counted.
@@ -484,6 +496,9 @@ impl ShadowMachine {
                         );
                     }
                     self.check_ad(v, va, access, &ctl);
+                    if access.is_write() {
+                        self.note_written(&ctl, va, access);
+                    }
                     return Ok(Reached::At(t.addr));
                 }
                 Err(CpuFault::GeneralProtection) => {
@@ -595,12 +610,22 @@ impl ShadowMachine {
                 format!("emulation at {gpa} but the guest says {expected:?}"),
             ),
         }
+        // The walk and its A/D writes come before the data write (SDM 4.8), which may
+        // rewrite the very entries the walk used (a self-map): judge them as they were.
+        self.check_ad(v, va, access, ctl);
         let flush = self
             .call(|d| d.write_guest_phys(gpa, data))
             .map_err(GuestError::Engine)?;
         self.settle(flush);
-        self.check_ad(v, va, access, ctl);
+        self.written.insert(gpa.gfn());
         Ok(Reached::Emulated)
+    }
+
+    /// Notes the guest frame a write at `va` reaches through the guest's tables.
+    fn note_written(&mut self, ctl: &ControlState, va: Gva, access: Access) {
+        if let Ok(t) = oracle::guest_walk(&self.domain, ctl, va, access) {
+            self.written.insert(t.frame);
+        }
     }
 
     fn check_ad(&mut self, v: usize, va: Gva, access: Access, ctl: &ControlState) {
@@ -779,6 +804,9 @@ impl ShadowMachine {
                     self.settle(flush);
                     // The engine changed guest page tables: a correct guest's own TLB
                     // discipline follows such writes; the shadows were updated in place.
+                    if let EmulateOutcome::Done(done) = &outcome {
+                        self.note_emulated_writes(v, privilege, gpa, done);
+                    }
                     match outcome {
                         EmulateOutcome::Done(done) if done.complete => return Ok(()),
                         EmulateOutcome::Done(_) | EmulateOutcome::Unshadowed => {}
@@ -796,6 +824,22 @@ impl ShadowMachine {
         Err(GuestError::Engine(EngineError::Internal(
             "an instruction did not complete",
         )))
+    }
+}
+
+impl ShadowMachine {
+    /// Notes the frames an instruction the engine emulated wrote: the page its write
+    /// faulted on, and every page of the ranges it reports (walked after the write, which
+    /// may have changed their translation: the faulting page is named regardless).
+    fn note_emulated_writes(&mut self, v: usize, privilege: Privilege, gpa: Gpa, done: &Emulated) {
+        self.written.insert(gpa.gfn());
+        let ctl = self.guest_control(v);
+        let access = Access::new(AccessKind::Write, privilege);
+        for range in done.writes.iter() {
+            for (at, _) in page_pieces(range.va, range.len) {
+                self.note_written(&ctl, Gva::new(at), access);
+            }
+        }
     }
 }
 

@@ -12,6 +12,8 @@
 
 mod guest;
 mod rng;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,43 +181,8 @@ pub fn run_with(cfg: ChurnConfig, rng: Rng) -> Result<ChurnReport, EngineError> 
     run_observed(cfg, rng, &AtomicU64::new(0))
 }
 
-fn run_observed(
-    cfg: ChurnConfig,
-    mut rng: Rng,
-    done: &AtomicU64,
-) -> Result<ChurnReport, EngineError> {
-    let shadow = cfg.pair.shadow();
-    let mut config = DomainConfig::hvm(shadow, VCPUS, NORMAL_POOL);
-    // Internal mode (a hypervisor hole in the L4) on 64-bit shadows, every other seed.
-    config.external = !(shadow == PagingLevels::Four && cfg.seed % 2 == 1);
-    let min_pool = config.min_pool_pages();
-    if cfg.tiny_pool {
-        config.pool_pages = min_pool;
-    }
-    let mut m = ShadowMachine::new(MACHINE_FRAMES, config)?;
-    m.add_ram(Gfn::new(0), RAM_FRAMES)?;
-    let levels = table_levels(cfg.pair);
-    let mut guest = Guest::new(levels, RAM_FRAMES, true);
-    let mut churn = Churn {
-        m,
-        guest: Guest::new(levels, RAM_FRAMES, true),
-        rng: Rng::new(0),
-        pair: cfg.pair,
-        levels,
-        report: ChurnReport {
-            pair: cfg.pair.name().into(),
-            ..ChurnReport::default()
-        },
-        digests: None,
-        pt_ever: BTreeSet::new(),
-        min_pool,
-    };
-    for _ in 0..3 {
-        guest.new_process(&mut churn.m, &mut rng);
-    }
-    churn.guest = guest;
-    churn.rng = rng;
-    churn.boot()?;
+fn run_observed(cfg: ChurnConfig, rng: Rng, done: &AtomicU64) -> Result<ChurnReport, EngineError> {
+    let mut churn = Churn::booted(cfg, rng)?;
     for _ in 0..cfg.ops {
         if churn.rng.exhausted() {
             break;
@@ -249,6 +216,44 @@ fn run_observed(
 }
 
 impl Churn {
+    /// A machine with the guest's first processes, both vcpus paging (or not) as
+    /// `cfg.pair` says.
+    fn booted(cfg: ChurnConfig, mut rng: Rng) -> Result<Churn, EngineError> {
+        let shadow = cfg.pair.shadow();
+        let mut config = DomainConfig::hvm(shadow, VCPUS, NORMAL_POOL);
+        // Internal mode (a hypervisor hole in the L4) on 64-bit shadows, every other seed.
+        config.external = !(shadow == PagingLevels::Four && cfg.seed % 2 == 1);
+        let min_pool = config.min_pool_pages();
+        if cfg.tiny_pool {
+            config.pool_pages = min_pool;
+        }
+        let mut m = ShadowMachine::new(MACHINE_FRAMES, config)?;
+        m.add_ram(Gfn::new(0), RAM_FRAMES)?;
+        let levels = table_levels(cfg.pair);
+        let mut guest = Guest::new(levels, RAM_FRAMES, true);
+        let mut churn = Churn {
+            m,
+            guest: Guest::new(levels, RAM_FRAMES, true),
+            rng: Rng::new(0),
+            pair: cfg.pair,
+            levels,
+            report: ChurnReport {
+                pair: cfg.pair.name().into(),
+                ..ChurnReport::default()
+            },
+            digests: None,
+            pt_ever: BTreeSet::new(),
+            min_pool,
+        };
+        for _ in 0..3 {
+            guest.new_process(&mut churn.m, &mut rng);
+        }
+        churn.guest = guest;
+        churn.rng = rng;
+        churn.boot()?;
+        Ok(churn)
+    }
+
     fn boot(&mut self) -> Result<(), EngineError> {
         self.guarded(0, |c| c.guest.install_code(&mut c.m).map(|_| ()))?;
         let cr3 = self.guest.processes.first().map_or(0, |p| p.cr3);
@@ -285,7 +290,7 @@ impl Churn {
 
     fn step(&mut self) -> Result<(), EngineError> {
         let roll = self.rng.below(1000);
-        match roll {
+        let done = match roll {
             0..=519 => self.op_access(),
             520..=689 => self.op_map(),
             690..=759 => self.op_unmap(),
@@ -298,7 +303,15 @@ impl Churn {
             905..=914 => self.op_pool_resize(),
             915..=939 => self.op_log_dirty(),
             _ => self.op_p2m_change(),
-        }
+        };
+        self.note_guest_writes();
+        done
+    }
+
+    /// What the guest's accesses wrote, as the machine saw them: an instruction whose
+    /// bytes the guest overwrote writes where those bytes say, not where the guest meant.
+    fn note_guest_writes(&mut self) {
+        self.guest.written.extend(self.m.take_written());
     }
 
     fn op_access(&mut self) -> Result<(), EngineError> {
@@ -464,7 +477,6 @@ impl Churn {
         let ctl = self.m.guest_control(v);
         let access = Access::new(AccessKind::Write, Privilege::Supervisor);
         let walked = oracle::guest_walk(self.m.domain(), &ctl, pte_va, access).ok();
-        let written = walked.map(|t| t.frame);
         // The entry's current value (what CMPXCHG expects), when the guest can see it.
         let mut old = [0u8; 8];
         if let Some(t) = walked {
@@ -499,13 +511,16 @@ impl Churn {
                 *r &= 0xffff_ffff;
             }
         }
+        self.exec_kernel_store(v, regs)
+    }
+
+    /// Runs the store instruction at `regs.rip` on vcpu `v` (what it writes is what its
+    /// bytes say: the guest may have overwritten its own code page).
+    fn exec_kernel_store(&mut self, v: usize, mut regs: Regs) -> Result<(), EngineError> {
         let emulated = self.m.traps().emulated_writes;
         self.guarded(v, |c| c.m.exec(v, &mut regs))?;
         if self.m.traps().emulated_writes > emulated {
             self.report.instruction_emulations += 1;
-        }
-        if let Some(gfn) = written {
-            self.guest.written.insert(gfn);
         }
         self.m.flush_all_tlbs();
         Ok(())
@@ -629,9 +644,7 @@ impl Churn {
     fn op_log_dirty(&mut self) -> Result<(), EngineError> {
         if !self.m.domain().log_dirty_enabled() {
             if self.rng.chance(40) {
-                self.m.host_op(|d| d.enable_log_dirty().map(|f| ((), f)))?;
-                self.digests = Some(self.digest_ram());
-                self.guest.written.clear();
+                self.enable_log_dirty()?;
             }
             return Ok(());
         }
@@ -640,6 +653,20 @@ impl Churn {
             self.digests = None;
             return Ok(());
         }
+        self.clean_and_check()
+    }
+
+    fn enable_log_dirty(&mut self) -> Result<(), EngineError> {
+        self.m.host_op(|d| d.enable_log_dirty().map(|f| ((), f)))?;
+        self.digests = Some(self.digest_ram());
+        self.guest.written.clear();
+        Ok(())
+    }
+
+    /// Cleans the dirty log and holds it to what changed and what the guest wrote: a
+    /// page whose content changed must be reported; a page reported must have been
+    /// written (or be a page table, whose A/D bits walks set).
+    fn clean_and_check(&mut self) -> Result<(), EngineError> {
         let bitmap = self.m.host_op(|d| d.clean_dirty())?;
         self.report.dirty_cleans += 1;
         let now = self.digest_ram();
