@@ -219,10 +219,11 @@ pub fn kvm_traps(exits: &ExitCounts, fast_path: u64) -> BTreeMap<String, u64> {
 
 /// What a run on the engine's shadows under KVM did, as a [`RunResult`].
 pub fn kvm_result(spec: &RunSpec, kvm: &KvmBackend, run: &Recorded) -> RunResult {
+    // The exits first: the machine stays locked while its domain is read below.
+    let exits = kvm.exits();
     let machine = kvm.machine();
     let domain = machine.domain();
     let stats = domain.stats();
-    let exits = kvm.exits();
     let c = &run.counters;
     let mut r = RunResult {
         workload: spec.workload.name().into(),

@@ -34,6 +34,7 @@ use crate::KvmError;
 use crate::executor::{Executor, Privileged};
 use crate::exits::{ExceptionFrame, ExitCounts};
 use crate::hyper::{self, HyperArea};
+use crate::kicks::Kicks;
 use crate::memory::KvmMemory;
 use crate::sregs;
 use crate::vm::{RawExit, VcpuRun};
@@ -68,10 +69,8 @@ struct Segments {
 pub(crate) trait Paging: Send + 'static {
     /// Hands vcpu `v` to the backend, which runs it from then on.
     fn take_vcpu(&mut self, v: usize) -> Result<VcpuRun, KvmError>;
-    /// Zaps of every translation KVM caches, so far.
-    fn tlb_flushes(&self) -> u64;
-    /// Signals sent to take vcpus out of `KVM_RUN`, so far.
-    fn kicks_sent(&self) -> u64;
+    /// The VM's kick and zap counters (read without the machine's lock).
+    fn kicks(&self) -> Arc<Kicks>;
     /// The VM's memory.
     fn mem(&self) -> &KvmMemory;
     /// The hypervisor area.
@@ -819,6 +818,7 @@ impl<P> Drop for Vcpu<P> {
 #[derive(Debug)]
 pub(crate) struct Backend<P> {
     m: Arc<Mutex<P>>,
+    kicks: Arc<Kicks>,
     vcpus: Vec<Vcpu<P>>,
     ram_frames: u64,
     ops: u64,
@@ -836,6 +836,7 @@ impl<P: Paging> Backend<P> {
         let runs = (0..vcpus)
             .map(|v| m.take_vcpu(v))
             .collect::<Result<Vec<_>, _>>()?;
+        let kicks = m.kicks();
         let m = Arc::new(Mutex::new(m));
         let mut out = Vec::with_capacity(vcpus);
         for (v, run) in runs.into_iter().enumerate() {
@@ -866,6 +867,7 @@ impl<P: Paging> Backend<P> {
         }
         Ok(Backend {
             m,
+            kicks,
             vcpus: out,
             ram_frames,
             ops: 0,
@@ -892,9 +894,8 @@ impl<P: Paging> Backend<P> {
             };
             total = total.plus(&e);
         }
-        let m = self.machine();
-        total.tlb_flushes += m.tlb_flushes();
-        total.kicks += m.kicks_sent();
+        total.tlb_flushes += self.kicks.zaps.load(std::sync::atomic::Ordering::Relaxed);
+        total.kicks += self.kicks.signals();
         total
     }
 

@@ -8,7 +8,7 @@
 //! takes its slot right before it enters `KVM_RUN` again. So no vcpu runs on a root the
 //! engine may free once its flush is handed out (the engine's deferred free counts on it).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -37,6 +37,11 @@ pub struct Kicks {
     slots: Vec<Slot>,
     /// No vcpu may enter `KVM_RUN` (the VM's memory slot is being replaced).
     paused: AtomicBool,
+    /// Signals sent, so far.
+    signals: AtomicU64,
+    /// Zaps of every translation KVM caches, so far (counted by the VM, read here without
+    /// its lock).
+    pub(crate) zaps: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,6 +54,8 @@ impl Kicks {
         Kicks {
             slots: (0..vcpus).map(|_| Slot::default()).collect(),
             paused: AtomicBool::new(false),
+            signals: AtomicU64::new(0),
+            zaps: AtomicU64::new(0),
         }
     }
 
@@ -77,6 +84,7 @@ impl Kicks {
             }
             std::thread::sleep(KICK_INTERVAL);
         }
+        self.signals.fetch_add(signals, Ordering::Relaxed);
         signals
     }
 
@@ -133,7 +141,13 @@ impl Kicks {
         }
         let result = f();
         self.paused.store(false, Ordering::SeqCst);
+        self.signals.fetch_add(signals, Ordering::Relaxed);
         (result, signals)
+    }
+
+    /// Signals sent to take vcpus out of `KVM_RUN`, so far.
+    pub fn signals(&self) -> u64 {
+        self.signals.load(Ordering::Relaxed)
     }
 
     /// Marks vcpu `v` as out of `KVM_RUN`; returns whether it was kicked since it entered.

@@ -121,18 +121,15 @@ impl KvmMachine {
         if let Ok(run) = self.vm.vcpu(0) {
             e = e.plus(&run.exits);
         }
-        e.tlb_flushes += self.vm.tlb_flushes;
+        let kicks = self.vm.kicks();
+        e.tlb_flushes += kicks.zaps.load(std::sync::atomic::Ordering::Relaxed);
+        e.kicks += kicks.signals();
         e
     }
 
-    /// Zaps of every translation KVM caches, so far.
-    pub(crate) fn tlb_flushes(&self) -> u64 {
-        self.vm.tlb_flushes
-    }
-
-    /// Signals sent to take vcpus out of `KVM_RUN`, so far.
-    pub(crate) fn kicks_sent(&self) -> u64 {
-        self.vm.kicks_sent
+    /// The VM's kick and zap counters.
+    pub(crate) fn kicks(&self) -> std::sync::Arc<crate::kicks::Kicks> {
+        self.vm.kicks()
     }
 
     /// The hypervisor area.

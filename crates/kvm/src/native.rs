@@ -342,12 +342,8 @@ impl Paging for NativeMachine {
         self.vm.take_vcpu(v)
     }
 
-    fn tlb_flushes(&self) -> u64 {
-        self.vm.tlb_flushes
-    }
-
-    fn kicks_sent(&self) -> u64 {
-        self.vm.kicks_sent
+    fn kicks(&self) -> std::sync::Arc<crate::kicks::Kicks> {
+        self.vm.kicks()
     }
 
     fn mem(&self) -> &KvmMemory {

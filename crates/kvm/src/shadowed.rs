@@ -132,12 +132,8 @@ impl Paging for KvmMachine {
         KvmMachine::take_vcpu(self, v)
     }
 
-    fn tlb_flushes(&self) -> u64 {
-        KvmMachine::tlb_flushes(self)
-    }
-
-    fn kicks_sent(&self) -> u64 {
-        KvmMachine::kicks_sent(self)
+    fn kicks(&self) -> std::sync::Arc<crate::kicks::Kicks> {
+        KvmMachine::kicks(self)
     }
 
     fn mem(&self) -> &KvmMemory {

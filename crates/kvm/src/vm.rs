@@ -58,10 +58,6 @@ pub(crate) struct Vm {
     vm: VmFd,
     _kvm: Kvm,
     kicks: Arc<Kicks>,
-    /// Zaps of every translation KVM caches.
-    pub(crate) tlb_flushes: u64,
-    /// Signals sent to take vcpus out of `KVM_RUN`.
-    pub(crate) kicks_sent: u64,
 }
 
 /// One vcpu, run by one thread at a time: its fd, what its last exit left pending, its
@@ -133,9 +129,12 @@ impl Vm {
             vm,
             _kvm: kvm,
             kicks,
-            tlb_flushes: 0,
-            kicks_sent: 0,
         })
+    }
+
+    /// The kick and zap counters, shared with whoever reads them without the machine.
+    pub(crate) fn kicks(&self) -> Arc<Kicks> {
+        Arc::clone(&self.kicks)
     }
 
     /// The number of vcpus.
@@ -170,23 +169,24 @@ impl Vm {
         gone.memory_size = 0;
         let (vm, region) = (&self.vm, self.region);
         // No vcpu may run while the VM has no memory.
-        let (result, signals) = self.kicks.with_all_out(|| {
+        let (result, _) = self.kicks.with_all_out(|| {
             // SAFETY: deleting the slot and adding back the same mapping (see `new`).
             unsafe {
                 vm.set_user_memory_region(gone)?;
                 vm.set_user_memory_region(region)
             }
         });
-        self.kicks_sent += signals;
         result?;
-        self.tlb_flushes += 1;
+        self.kicks
+            .zaps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     /// Has vcpu `v` load `hw` before it runs again (kicking it out of `KVM_RUN` if it is in
     /// there on another thread, and waiting until it is out).
     pub(crate) fn post_paging(&mut self, v: usize, hw: ControlState) {
-        self.kicks_sent += self.kicks.post(v, hw);
+        self.kicks.post(v, hw);
     }
 }
 
