@@ -315,5 +315,12 @@ pub fn side_by_side(sim: &RunResult, kvm: &RunResult, exits: &ExitCounts) -> Str
         sim.total_traps(),
         exits.total
     ));
+    out.push_str(
+        "(rows with no sim count are the KVM backend's own exits, which a simulated access does \
+         not take: guest I/O ends each load and store, a single step each executed \
+         instruction (two when a REP instruction traps between iterations), a fetch each \
+         instruction fetch; CR3 reloads and TLB flushes are the VMM carrying out the engine's \
+         flushes, not exits)\n",
+    );
     out
 }
