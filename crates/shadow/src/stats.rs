@@ -8,6 +8,8 @@ pub struct Stats {
     pub faults: u64,
     /// Faults fixed by writing shadow entries (the guest retries).
     pub fault_fixed: u64,
+    /// Splinter entries filled ahead of a fault (after the one a fill needed).
+    pub prefetched: u64,
     /// Faults reflected to the guest, which must see them.
     pub fault_propagated: u64,
     /// Faults that need the write emulated (a write to a shadowed page table).

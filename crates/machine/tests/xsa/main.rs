@@ -16,6 +16,7 @@ mod long_ops;
 mod p2m_changes;
 mod pdpte;
 mod pool;
+mod prefetch;
 mod self_maps;
 mod superpages;
 mod type_confusion;

@@ -5,7 +5,7 @@
 use alloc::vec::Vec;
 
 use super::{Engine, FaultOutcome, Supported};
-use crate::addr::{Gpa, Gva, Maddr, Mfn};
+use crate::addr::{Gfn, Gpa, Gva, Maddr, Mfn};
 use crate::domain::entries::{MAGIC, MAGIC_NOT_PRESENT, Magic};
 use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem, gfn_of};
 use crate::domain::{Domain, EngineError, RefcountMode};
@@ -62,6 +62,10 @@ impl FillOrders {
 
 /// How many entries after a filled leaf are marked "guest not present" ahead of time.
 const PREFETCH_NOT_PRESENT: u64 = 16;
+/// Splinter entries a fill through a guest superpage also fills after the one it needs
+/// (Xen's `sh_prefetch`: the guest usually goes on to the next frames of the superpage, and
+/// a splinter entry needs only the superpage's entry and the p2m).
+const PREFETCH_SPLINTER: u64 = 32;
 
 impl<G: PagingMode, S: PagingMode> Engine<G, S>
 where
@@ -593,7 +597,12 @@ where
             return Ok(());
         };
         let new = match leaf.superpage {
-            Some((pde, gfn)) => Self::fl1_sentry(d, frames, pde, gfn, Self::splinter_pkey(pde))?,
+            Some((pde, gfn)) => {
+                let pkey = Self::splinter_pkey(pde);
+                let new = Self::fl1_sentry(d, frames, pde, gfn, pkey)?;
+                d.set_sentry(leaf.slot, new)?;
+                return Self::prefetch_splinter(d, frames, va, pde, gfn, pkey, leaf.slot);
+            }
             None => {
                 let entry = path
                     .at_level(1)
@@ -608,6 +617,43 @@ where
             }
         };
         d.set_sentry(leaf.slot, new)
+    }
+
+    /// Fills the empty splinter entries after the one a fill through guest superpage `pde`
+    /// just wrote at `slot` (for frame `gfn` at `va`), up to [`PREFETCH_SPLINTER`] of them and
+    /// the end of the splinter shadow (which covers no more than the superpage). Each is
+    /// exactly what a fault on it would write: the upper shadow entry carries the guest's
+    /// rights and D, and a frame that may not be written (a page table, log-dirty) is
+    /// mapped read-only.
+    #[allow(clippy::too_many_arguments)]
+    fn prefetch_splinter<H: MachineMemory>(
+        d: &mut Domain<H>,
+        frames: &FrameCache,
+        va: Gva,
+        pde: u64,
+        gfn: Gfn,
+        pkey: u8,
+        slot: Maddr,
+    ) -> Result<(), EngineError> {
+        let first = Self::soffset(1, va.raw());
+        let base = slot.raw() - first;
+        for k in 1..=PREFETCH_SPLINTER {
+            let offset = Self::soffset(1, va.raw() + (k << 12));
+            if offset <= first {
+                break;
+            }
+            let s = Maddr::new(base + offset);
+            if d.read_sentry(s)? != 0 {
+                continue;
+            }
+            let next = Gfn::new(gfn.raw() + k);
+            let entry = Self::fl1_sentry(d, frames, pde, next, pkey)?;
+            if entry != 0 {
+                d.set_sentry(s, entry)?;
+                d.stats.prefetched += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Marks the empty shadow entries after a not-present leaf whose guest entries are not
