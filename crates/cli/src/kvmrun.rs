@@ -235,6 +235,7 @@ pub fn kvm_result(spec: &RunSpec, kvm: &KvmBackend, run: &Recorded) -> RunResult
         guest_ops: c.guest_ops,
         traps: kvm_traps(&exits, stats.fast_path),
         demand_faults: c.demand_faults,
+        workload_steps: c.workload_steps,
         cow_faults: c.cow_faults,
         kills: c.kills,
         data_errors: c.data_errors,

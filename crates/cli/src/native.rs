@@ -93,6 +93,7 @@ fn native_result(spec: &RunSpec, native: &NativeBackend, run: &Recorded) -> RunR
         guest_ops: c.guest_ops,
         traps,
         demand_faults: c.demand_faults,
+        workload_steps: c.workload_steps,
         cow_faults: c.cow_faults,
         kills: c.kills,
         data_errors: c.data_errors,

@@ -59,6 +59,11 @@ pub struct RunResult {
     /// Total traps per demand fault.
     #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
     pub traps_per_demand_fault: f64,
+    /// Workload units finished (forkwait rounds, MiB touched, switches, jobs...).
+    pub workload_steps: u64,
+    /// Total traps per workload unit (per forkwait round, per MiB of demand...).
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub traps_per_step: f64,
     /// Copy-on-write faults the guest handled.
     pub cow_faults: u64,
     /// Guest processes killed (by the guest, for a bad access).
@@ -208,7 +213,7 @@ impl RunResult {
     }
 
     /// Fills `traps["total"]` (if missing) and the ratios from the counts:
-    /// `traps_per_op`, `traps_per_demand_fault`, `engine_us_per_trap`.
+    /// `traps_per_op`, `traps_per_demand_fault`, `traps_per_step`, `engine_us_per_trap`.
     #[allow(dead_code, reason = "for shadow2 run and bench")]
     pub fn fill_ratios(&mut self) {
         let total = self.total_traps();
@@ -216,6 +221,7 @@ impl RunResult {
         let total = total as f64;
         self.traps_per_op = ratio(total, self.guest_ops as f64);
         self.traps_per_demand_fault = ratio(total, self.demand_faults as f64);
+        self.traps_per_step = ratio(total, self.workload_steps as f64);
         self.engine_us_per_trap = ratio(self.engine_s * 1e6, total);
     }
 
@@ -270,6 +276,13 @@ impl RunResult {
                 num(
                     self.demand_faults,
                     format!("{} traps each", fmt_f64(self.traps_per_demand_fault)),
+                ),
+            ),
+            (
+                "workload steps".into(),
+                num(
+                    self.workload_steps,
+                    format!("{} traps each", fmt_f64(self.traps_per_step)),
                 ),
             ),
             ("COW faults".into(), num(self.cow_faults, String::new())),
@@ -451,6 +464,7 @@ mod tests {
             seed: 7,
             guest_ops: 20_000,
             demand_faults: 2_500,
+            workload_steps: 64,
             cow_faults: 321,
             unshadows: 17,
             evictions: 5,
@@ -476,6 +490,7 @@ mod tests {
         assert_eq!(r.total_traps(), 10_000);
         assert!((r.traps_per_op - 0.5).abs() < 1e-12);
         assert!((r.traps_per_demand_fault - 4.0).abs() < 1e-12);
+        assert!((r.traps_per_step - 10_000.0 / 64.0).abs() < 1e-9);
         assert!((r.engine_us_per_trap - 5.0).abs() < 1e-9);
     }
 
@@ -529,6 +544,7 @@ mod tests {
         r.fill_ratios();
         assert_eq!(r.traps_per_op, 0.0);
         assert_eq!(r.traps_per_demand_fault, 0.0);
+        assert_eq!(r.traps_per_step, 0.0);
         assert_eq!(r.engine_us_per_trap, 0.0);
         // Even a NaN set by hand is written as a number.
         r.traps_per_op = f64::NAN;
@@ -559,6 +575,8 @@ mod tests {
             "traps_per_op",
             "demand_faults",
             "traps_per_demand_fault",
+            "workload_steps",
+            "traps_per_step",
             "cow_faults",
             "kills",
             "data_errors",

@@ -174,6 +174,7 @@ pub fn result_of(
         guest_ops: counters.guest_ops,
         traps,
         demand_faults: counters.demand_faults,
+        workload_steps: counters.workload_steps,
         cow_faults: counters.cow_faults,
         kills: counters.kills,
         data_errors: counters.data_errors,
