@@ -28,7 +28,7 @@ use shadow2::paging::bits::{self, cr};
 use shadow2::paging::{ControlState, PfErrorCode};
 use shadow2::{Gpa, Mfn};
 use shadow2_guest::{Fault, GuestOps, OpError};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::KvmError;
 use crate::executor::{Executor, Privileged};
@@ -126,6 +126,10 @@ fn hardware_cpl(cpl: u8) -> u8 {
     if cpl == 3 { 3 } else { 1 }
 }
 
+fn ioctl(e: kvm_ioctls::Error) -> OpError {
+    backend(e.into())
+}
+
 fn backend(e: KvmError) -> OpError {
     OpError::Backend(e.to_string())
 }
@@ -167,7 +171,7 @@ impl<P: Paging> Runner<P> {
             vcpu.set_sregs(&s)?;
             self.segments = Some(seg);
         }
-        self.fd()?.set_regs(regs)?;
+        self.fd().set_regs(regs)?;
         Ok(())
     }
 
@@ -200,10 +204,7 @@ impl<P: Paging> Runner<P> {
         v: usize,
         frame: &ExceptionFrame,
     ) -> Result<(u64, FaultOutcome), OpError> {
-        let cr2 = self
-            .fd()
-            .and_then(|c| Ok(c.get_sregs()?.cr2))
-            .map_err(backend)?;
+        let cr2 = self.fd().get_sregs().map(|r| r.cr2).map_err(ioctl)?;
         let code = PfErrorCode(frame.error_code as u32);
         let outcome = self.lock().page_fault(v, cr2, code).map_err(backend)?;
         let exits = self.exits();
@@ -247,10 +248,7 @@ impl<P: Paging> Runner<P> {
             .ok_or_else(|| OpError::Backend(format!("vcpu {v} has no mailbox")))?;
         let len = load.as_ref().map_or(data.len(), |b| b.len());
         if load.is_none() {
-            self.lock()
-                .mem()
-                .write_bytes(buffer_gpa, data)
-                .map_err(|e| OpError::Backend(format!("mailbox: {e:?}")))?;
+            self.write_own(buffer_gpa, data)?;
         }
         let (rsi, rdi) = if load.is_some() {
             (va, buffer_va)
@@ -273,10 +271,7 @@ impl<P: Paging> Runner<P> {
                 RawExit::Io { .. } => {
                     self.exits().guest_io += 1;
                     if let Some(buf) = load {
-                        self.lock()
-                            .mem()
-                            .read_bytes(buffer_gpa, buf)
-                            .map_err(|e| OpError::Backend(format!("mailbox: {e:?}")))?;
+                        self.read_own(buffer_gpa, buf)?;
                     }
                     return Ok(());
                 }
@@ -302,10 +297,7 @@ impl<P: Paging> Runner<P> {
                                     "the engine asked to emulate a load at {cr2:#x}"
                                 )));
                             }
-                            let left = self
-                                .fd()
-                                .and_then(|c| Ok(c.get_regs()?.rcx))
-                                .map_err(backend)? as usize;
+                            let left = self.fd().get_regs().map(|r| r.rcx).map_err(ioctl)? as usize;
                             let done = len.saturating_sub(left).min(data.len());
                             return self
                                 .lock()
@@ -442,7 +434,7 @@ impl<P: Paging> Runner<P> {
     /// The guest's registers as the hardware has them at an exception frame (RSP, RIP and
     /// RFLAGS from the frame, without the single-step flag), in the guest's mode.
     fn regs_at(&mut self, frame: &ExceptionFrame, like: &Regs) -> Result<Regs, KvmError> {
-        let r = self.fd()?.get_regs()?;
+        let r = self.fd().get_regs()?;
         Ok(Regs {
             gpr: [
                 r.rax, r.rcx, r.rdx, r.rbx, frame.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10,
@@ -498,10 +490,7 @@ impl<P: Paging> Runner<P> {
         let result = self.step(v, regs, &mut breakpoint);
         if breakpoint {
             let cleared = kvm_debugregs::default();
-            self.run
-                .fd()
-                .set_debug_regs(&cleared)
-                .map_err(|e| backend(e.into()))?;
+            self.run.fd().set_debug_regs(&cleared).map_err(ioctl)?;
         }
         result
     }
@@ -534,16 +523,11 @@ impl<P: Paging> Runner<P> {
                         dr7: 1 | (1 << 10),
                         ..kvm_debugregs::default()
                     };
-                    self.fd()
-                        .and_then(|c| Ok(c.set_debug_regs(&dr)?))
-                        .map_err(backend)?;
+                    self.fd().set_debug_regs(&dr).map_err(ioctl)?;
                     *breakpoint = true;
                     let mut resumed = frame;
                     resumed.rflags &= !TRAP_FLAG;
-                    self.lock()
-                        .mem()
-                        .write_bytes(frame_gpa, &resumed.to_bytes())
-                        .map_err(|e| OpError::Backend(format!("exception frame: {e:?}")))?;
+                    self.write_own(frame_gpa, &resumed.to_bytes())?;
                 }
                 DEBUG if frame.rip != regs.rip => {
                     self.exits().single_steps += 1;
@@ -739,8 +723,23 @@ impl<P: Paging> Runner<P> {
         lock(&self.m)
     }
 
-    fn fd(&self) -> Result<&VcpuFd, KvmError> {
-        Ok(self.run.fd())
+    fn fd(&self) -> &VcpuFd {
+        self.run.fd()
+    }
+
+    /// Writes one of this vcpu's own pages of the hypervisor area (its mailboxes, its
+    /// exception frames): no other vcpu and not the engine touches them, so no lock.
+    fn write_own(&self, gpa: u64, bytes: &[u8]) -> Result<(), OpError> {
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| OpError::Backend(format!("hypervisor area at {gpa:#x}: {e}")))
+    }
+
+    /// Reads one of this vcpu's own pages of the hypervisor area.
+    fn read_own(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OpError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| OpError::Backend(format!("hypervisor area at {gpa:#x}: {e}")))
     }
 
     fn exits(&mut self) -> &mut ExitCounts {
@@ -958,21 +957,12 @@ impl<P: Paging> Backend<P> {
 
     /// Has vcpu `v` carry out `cmd`, then the machine's bookkeeping after it.
     fn call(&mut self, v: usize, cmd: VcpuOp) -> Result<VcpuAnswer, OpError> {
-        self.ops += 1;
-        let reply = match self.vcpus.get_mut(v) {
-            Some(Vcpu::Here(r)) => r.serve(cmd),
-            Some(Vcpu::Thread {
-                to, from, exits, ..
-            }) => {
-                let sent = to.as_ref().is_some_and(|t| t.send(cmd).is_ok());
-                let reply = if sent { from.recv().ok() } else { None };
-                let reply =
-                    reply.ok_or_else(|| OpError::Backend(format!("vcpu {v}'s thread is gone")))?;
-                *exits = reply.exits;
-                reply
-            }
-            None => return Err(OpError::Backend(format!("no vcpu {v}"))),
+        let Some(Vcpu::Here(r)) = self.vcpus.get_mut(v) else {
+            self.start(v, cmd)?;
+            return self.wait(v);
         };
+        let reply = r.serve(cmd);
+        self.ops += 1;
         self.machine().after_op().map_err(backend)?;
         reply.result
     }

@@ -134,8 +134,6 @@ pub struct HyperArea {
     frames: Vec<Mfn>,
     /// Each vcpu's writable pages: (linear address, frame).
     writable: Vec<(u64, Mfn)>,
-    exec_kernel: Mfn,
-    exec_user: Mfn,
 }
 
 struct Builder<'a> {
@@ -237,19 +235,12 @@ impl HyperArea {
             executor,
             frames,
             writable: writable_pages,
-            exec_kernel,
-            exec_user,
         })
     }
 
     /// Every frame of the area (declared to the engine as hypervisor frames).
     pub fn frames(&self) -> &[Mfn] {
         &self.frames
-    }
-
-    /// The frames of the executor's two copies: run at CPL1, run at CPL3.
-    pub fn executor_frames(&self) -> (Mfn, Mfn) {
-        (self.exec_kernel, self.exec_user)
     }
 
     /// Vcpu `v`'s data buffer for operations at `cpl` (its mailbox at CPL 0-2, its user

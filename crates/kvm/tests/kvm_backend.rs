@@ -38,30 +38,17 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
         pair,
         seed: 1,
     };
-    let hints = shadow2_guest::linear_map_hints(&spec);
     let levels = PagingLevels::from_count(pair.shadow).expect("levels");
     let mut cfg = SimConfig::new(levels, guest.vcpus(), spec.ram_frames());
-    cfg.linear_maps = hints.clone();
+    cfg.linear_maps = shadow2_guest::linear_map_hints(&spec);
     cfg.teardown = TeardownHints::ALL;
     let pool_pages = cfg.pool_pages;
     let mut sim = Outcomes::new(SimBackend::new(cfg).expect("sim"));
     let on_sim = shadow2_guest::run(&spec, &mut sim, &mut |_, _| {}).expect("sim run");
     let (sim, sim_ops) = sim.into_parts();
 
-    let mut kvm = Outcomes::new(
-        KvmBackend::new(
-            &probe,
-            &KvmBackendConfig {
-                ram_frames: spec.ram_frames(),
-                vcpus: guest.vcpus(),
-                pool_pages,
-                linear_maps: hints,
-                teardown: TeardownHints::ALL,
-                vcpu_threads: guest.vcpus() > 1,
-            },
-        )
-        .expect("kvm backend"),
-    );
+    let mut kvm =
+        Outcomes::new(KvmBackend::new(&probe, &config(&spec, pool_pages)).expect("kvm backend"));
     let started = std::time::Instant::now();
     let on_kvm = shadow2_guest::run(&spec, &mut kvm, &mut |_, _| {}).expect("kvm run");
     let (kvm, kvm_ops) = kvm.into_parts();
@@ -94,7 +81,8 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
         eprintln!("native skipped: {why}");
         return;
     }
-    let mut native = Outcomes::new(NativeBackend::new(&probe, &config(&spec)).expect("native"));
+    let mut native =
+        Outcomes::new(NativeBackend::new(&probe, &config(&spec, pool_pages)).expect("native"));
     let started = std::time::Instant::now();
     let on_native = shadow2_guest::run(&spec, &mut native, &mut |_, _| {}).expect("native run");
     let (native, native_ops) = native.into_parts();
@@ -121,11 +109,12 @@ fn same_on_both(guest: GuestModel, workload: Workload, pair: &str, size: u64) {
     assert_eq!(words, 0, "final guest memory differs from native's");
 }
 
-fn config(spec: &RunSpec) -> KvmBackendConfig {
+/// The KVM machine for `spec`, with the simulator's pool size (native paging has none).
+fn config(spec: &RunSpec, pool_pages: usize) -> KvmBackendConfig {
     KvmBackendConfig {
         ram_frames: spec.ram_frames(),
         vcpus: spec.guest.vcpus(),
-        pool_pages: 2048,
+        pool_pages,
         linear_maps: shadow2_guest::linear_map_hints(spec),
         teardown: TeardownHints::ALL,
         vcpu_threads: spec.guest.vcpus() > 1,
