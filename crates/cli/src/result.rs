@@ -56,9 +56,22 @@ pub struct RunResult {
     pub traps_per_op: f64,
     /// Faults the guest itself would take without shadowing (demand paging, COW, ...).
     pub demand_faults: u64,
-    /// Total traps per demand fault.
+    /// Traps per demand fault: the traps of the user accesses in which the guest kernel
+    /// mapped a page on first touch (`demand_fault_traps`), per demand fault; where the
+    /// backend does not attribute traps (KVM), all traps per demand fault.
     #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
     pub traps_per_demand_fault: f64,
+    /// Traps charged to demand faults: from the start of each user access that took one
+    /// to its completion (the fault, the handler's page-table writes and page zeroing, the
+    /// retry). None where the backend does not attribute traps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demand_fault_traps: Option<u64>,
+    /// Traps charged to copy-on-write faults, the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cow_fault_traps: Option<u64>,
+    /// `cow_fault_traps` per copy-on-write fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traps_per_cow_fault: Option<f64>,
     /// Workload units finished (forkwait rounds, MiB touched, switches, jobs...).
     pub workload_steps: u64,
     /// Total traps per workload unit (per forkwait round, per MiB of demand...).
@@ -220,7 +233,11 @@ impl RunResult {
         self.traps.entry(TOTAL.to_owned()).or_insert(total);
         let total = total as f64;
         self.traps_per_op = ratio(total, self.guest_ops as f64);
-        self.traps_per_demand_fault = ratio(total, self.demand_faults as f64);
+        let demand = self.demand_fault_traps.map_or(total, |t| t as f64);
+        self.traps_per_demand_fault = ratio(demand, self.demand_faults as f64);
+        self.traps_per_cow_fault = self
+            .cow_fault_traps
+            .map(|t| ratio(t as f64, self.cow_faults as f64));
         self.traps_per_step = ratio(total, self.workload_steps as f64);
         self.engine_us_per_trap = ratio(self.engine_s * 1e6, total);
     }
@@ -285,7 +302,15 @@ impl RunResult {
                     format!("{} traps each", fmt_f64(self.traps_per_step)),
                 ),
             ),
-            ("COW faults".into(), num(self.cow_faults, String::new())),
+            (
+                "COW faults".into(),
+                num(
+                    self.cow_faults,
+                    self.traps_per_cow_fault
+                        .map(|t| format!("{} traps each", fmt_f64(t)))
+                        .unwrap_or_default(),
+                ),
+            ),
             ("kills".into(), num(self.kills, String::new())),
             ("data errors".into(), num(self.data_errors, String::new())),
             ("unshadows".into(), num(self.unshadows, String::new())),
@@ -492,6 +517,18 @@ mod tests {
         assert!((r.traps_per_demand_fault - 4.0).abs() < 1e-12);
         assert!((r.traps_per_step - 10_000.0 / 64.0).abs() < 1e-9);
         assert!((r.engine_us_per_trap - 5.0).abs() < 1e-9);
+        assert_eq!(r.traps_per_cow_fault, None);
+    }
+
+    #[test]
+    fn attributed_traps_are_what_a_fault_costs() {
+        let mut r = sample();
+        r.demand_fault_traps = Some(5_000);
+        r.cow_fault_traps = Some(642);
+        r.fill_ratios();
+        assert!((r.traps_per_demand_fault - 2.0).abs() < 1e-12);
+        assert_eq!(r.traps_per_cow_fault, Some(2.0));
+        assert!(r.summary_table().contains("2.000 traps each"));
     }
 
     #[test]

@@ -174,6 +174,8 @@ pub fn result_of(
         guest_ops: counters.guest_ops,
         traps,
         demand_faults: counters.demand_faults,
+        demand_fault_traps: Some(report.attribution.demand_fault_traps),
+        cow_fault_traps: Some(report.attribution.cow_fault_traps),
         workload_steps: counters.workload_steps,
         cow_faults: counters.cow_faults,
         kills: counters.kills,

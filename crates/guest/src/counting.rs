@@ -186,6 +186,7 @@ impl<B: GuestOps> GuestOps for Counting<B> {
             Event::Kill => self.counters.kills += 1,
             Event::WorkloadStep => self.counters.workload_steps += 1,
             Event::DataError => self.counters.data_errors += 1,
+            Event::UserAccess | Event::UserAccessDone => {}
         }
         self.inner.event(event);
     }

@@ -74,6 +74,13 @@ pub enum Event {
     /// The guest read back data different from what it wrote (a wrong translation that the
     /// guest itself can see).
     DataError,
+    /// A user access begins: what happens until [`Event::UserAccessDone`] (the access, the
+    /// kernel's handling of its faults, the retries) is the cost of that access, and of the
+    /// demand or copy-on-write fault reported inside it.
+    UserAccess,
+    /// The user access begun by the last [`Event::UserAccess`] completed (or its process was
+    /// killed).
+    UserAccessDone,
 }
 
 /// The interface through which a guest model drives vcpus. `cpl` is the privilege level of

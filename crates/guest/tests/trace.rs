@@ -225,7 +225,9 @@ fn script(ops: &mut impl GuestOps, steps: usize) {
                     Event::Kill,
                     Event::WorkloadStep,
                     Event::DataError,
-                ][step % 5];
+                    Event::UserAccess,
+                    Event::UserAccessDone,
+                ][step % 7];
                 ops.event(e);
             }
         }

@@ -84,6 +84,8 @@ impl SimConfig {
 pub struct SimReport {
     /// Traps taken, by kind (guest operations only: loading the image takes none).
     pub traps: Traps,
+    /// Traps charged to the demand and copy-on-write faults that caused them.
+    pub attribution: TrapAttribution,
     /// Accesses whose result differed from what the guest's own tables say.
     pub oracle_mismatches: u64,
     /// The first of those, in words.
@@ -138,6 +140,64 @@ pub struct SimBackend {
     first_audit_violations: Vec<String>,
     /// Engine time spent loading images (not a guest operation).
     load_time: Duration,
+    attribution: TrapAttribution,
+}
+
+/// Traps charged to the guest fault that caused them: every trap from the start of a user
+/// access to its completion (the faulting access, the kernel's handler with its page-table
+/// writes and the zeroing of a new page, the retry) is the cost of the demand or
+/// copy-on-write fault the kernel reported inside that access.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrapAttribution {
+    /// Traps of user accesses in which the kernel mapped a page on first touch.
+    pub demand_fault_traps: u64,
+    /// Traps of user accesses in which the kernel broke copy-on-write.
+    pub cow_fault_traps: u64,
+    /// The open access: the trap count at its start, and what the kernel reported in it.
+    #[serde(skip)]
+    open: Option<OpenAccess>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct OpenAccess {
+    traps_at_start: u64,
+    demand: bool,
+    cow: bool,
+}
+
+impl TrapAttribution {
+    /// Follows the guest model's `event`, `traps` being the machine's trap count now.
+    pub fn on_event(&mut self, event: Event, traps: u64) {
+        match event {
+            Event::UserAccess => {
+                self.open = Some(OpenAccess {
+                    traps_at_start: traps,
+                    ..OpenAccess::default()
+                });
+            }
+            Event::DemandFault => {
+                if let Some(open) = &mut self.open {
+                    open.demand = true;
+                }
+            }
+            Event::CowFault => {
+                if let Some(open) = &mut self.open {
+                    open.cow = true;
+                }
+            }
+            Event::UserAccessDone => {
+                if let Some(open) = self.open.take() {
+                    let cost = traps.saturating_sub(open.traps_at_start);
+                    if open.demand {
+                        self.demand_fault_traps += cost;
+                    } else if open.cow {
+                        self.cow_fault_traps += cost;
+                    }
+                }
+            }
+            Event::Kill | Event::WorkloadStep | Event::DataError => {}
+        }
+    }
 }
 
 /// Machine frames kept beyond RAM, the pool and the p2m tables.
@@ -185,6 +245,7 @@ impl SimBackend {
             cache_violations: 0,
             first_audit_violations: Vec::new(),
             load_time: Duration::ZERO,
+            attribution: TrapAttribution::default(),
         })
     }
 
@@ -217,6 +278,7 @@ impl SimBackend {
         let stats = domain.stats();
         SimReport {
             traps: self.machine.traps(),
+            attribution: self.attribution,
             oracle_mismatches: mismatch_count,
             first_mismatches: kept.iter().map(describe_mismatch).collect(),
             audit_violations: self.audit_violations + final_violations as u64,
@@ -436,5 +498,32 @@ impl GuestOps for SimBackend {
         result.map_err(op_error)
     }
 
-    fn event(&mut self, _event: Event) {}
+    fn event(&mut self, event: Event) {
+        let traps = self.machine.traps().total();
+        self.attribution.on_event(event, traps);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_access_charges_its_traps_to_the_fault_reported_inside_it() {
+        let mut a = TrapAttribution::default();
+        a.on_event(Event::UserAccess, 10);
+        a.on_event(Event::DemandFault, 11);
+        a.on_event(Event::UserAccessDone, 13);
+        // An access with no fault reported is charged to nothing.
+        a.on_event(Event::UserAccess, 13);
+        a.on_event(Event::UserAccessDone, 20);
+        a.on_event(Event::UserAccess, 20);
+        a.on_event(Event::CowFault, 21);
+        a.on_event(Event::UserAccessDone, 24);
+        // A fault reported outside any access is not charged.
+        a.on_event(Event::DemandFault, 30);
+        a.on_event(Event::UserAccessDone, 40);
+        assert_eq!(a.demand_fault_traps, 3);
+        assert_eq!(a.cow_fault_traps, 4);
+    }
 }

@@ -46,6 +46,19 @@ impl<B: GuestOps> Kernel<B> {
 
     fn user_access(&mut self, v: usize, pid: Pid, va: u64, kind: Kind) -> KResult<Access> {
         self.switch_to(v, pid)?;
+        self.event(Event::UserAccess);
+        let result = self.user_access_handling_faults(v, pid, va, kind);
+        self.event(Event::UserAccessDone);
+        result
+    }
+
+    fn user_access_handling_faults(
+        &mut self,
+        v: usize,
+        pid: Pid,
+        va: u64,
+        kind: Kind,
+    ) -> KResult<Access> {
         let page = va & !0xfff;
         let value = self.rng.next_u64();
         for _ in 0..FAULT_TRIES {

@@ -279,6 +279,8 @@ fn event_code(e: Event) -> u8 {
         Event::Kill => 2,
         Event::WorkloadStep => 3,
         Event::DataError => 4,
+        Event::UserAccess => 5,
+        Event::UserAccessDone => 6,
     }
 }
 
@@ -289,6 +291,8 @@ pub(crate) fn event_from(code: u8) -> Option<Event> {
         2 => Event::Kill,
         3 => Event::WorkloadStep,
         4 => Event::DataError,
+        5 => Event::UserAccess,
+        6 => Event::UserAccessDone,
         _ => return None,
     })
 }
