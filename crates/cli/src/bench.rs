@@ -11,6 +11,7 @@ use std::time::Instant;
 use shadow2_guest::{GuestModel, RunSpec, Workload};
 
 use crate::bench_kvm;
+use crate::goals;
 use crate::progress;
 use crate::result::{BenchResults, RunResult, bench_table};
 use crate::simrun::{self, Backend, MachineOptions};
@@ -72,7 +73,10 @@ pub fn write(path: &Path, bench: &BenchResults) -> Result<(), String> {
     std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
+/// A bench run: the spec and its pool (None: the default).
+type BenchRun = (RunSpec, Option<usize>);
+
+fn specs(args: &Args) -> Result<Vec<BenchRun>, String> {
     let guests: Vec<GuestModel> = match &args.guest {
         Some(g) => vec![simrun::parse_guest(g)?],
         None => GuestModel::ALL.to_vec(),
@@ -94,8 +98,42 @@ fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
                     seed: args.seed,
                 };
                 spec.validate().map_err(|e| e.to_string())?;
-                out.push(spec);
+                out.push((spec, None));
             }
+        }
+    }
+    out.extend(goal_runs(args, &guests, &workloads)?);
+    Ok(out)
+}
+
+/// The runs issue 12's goal rows need beyond the defaults: every linux64 4on4 workload at
+/// 1/16 of the default pool, ctxswitch at a 32-page pool, demand at 256 MiB.
+fn goal_runs(
+    args: &Args,
+    guests: &[GuestModel],
+    workloads: &[Workload],
+) -> Result<Vec<BenchRun>, String> {
+    let mut out = Vec::new();
+    if !guests.contains(&GuestModel::Linux64) {
+        return Ok(out);
+    }
+    let pair = shadow2_guest::PairName::new(4, 4);
+    for &workload in workloads {
+        let spec = RunSpec {
+            guest: GuestModel::Linux64,
+            workload,
+            size: scaled_size(workload, args.scale)?,
+            pair,
+            seed: args.seed,
+        };
+        out.push((spec, Some(goals::PRESSURE_POOL_PAGES)));
+        if workload == Workload::Ctxswitch {
+            out.push((spec, Some(goals::CTXSWITCH_TINY_POOL_PAGES)));
+        }
+        if workload == Workload::Demand {
+            let size = ((goals::POOL_RATIO_DEMAND_MIB as f64 * args.scale).round() as u64)
+                .clamp(1, workload.max_size());
+            out.push((RunSpec { size, ..spec }, None));
         }
     }
     Ok(out)
@@ -104,9 +142,9 @@ fn specs(args: &Args) -> Result<Vec<RunSpec>, String> {
 /// A finished run, and what it found wrong if anything.
 type Outcome = Result<(RunResult, Option<String>), String>;
 
-fn one(spec: &RunSpec) -> Outcome {
+fn one((spec, pool_pages): &BenchRun) -> Outcome {
     let opts = MachineOptions {
-        pool_pages: None,
+        pool_pages: *pool_pages,
         sample_every: (spec.size * 20).max(200),
     };
     let mut backend = simrun::sim_backend(spec, opts)?;
@@ -179,6 +217,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         problems.extend(problem);
     }
     let mut bench = BenchResults::new(runs);
+    bench.goals = goals::issue12(&bench.runs);
     // A KVM bench written to the same file is kept beside the simulator's runs.
     if let Some(before) = existing(&args.out)? {
         bench.kvm = before.kvm;
@@ -195,6 +234,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         );
     } else {
         print!("{}", bench_table(&bench.runs));
+        print!("{}", goals::table(&bench.goals));
         let mismatches: u64 = bench.runs.iter().map(|r| r.oracle_mismatches).sum();
         println!(
             "bench: {} runs, {} oracle mismatches; results in {}",

@@ -4,6 +4,7 @@ mod bench;
 mod bench_kvm;
 mod check_shadow;
 mod check_walker;
+mod goals;
 mod kvm_cmd;
 mod kvmrun;
 mod memdiff;

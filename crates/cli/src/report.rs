@@ -539,10 +539,39 @@ fn markdown(input: &Path, bench: &BenchResults) -> String {
     if !bench.runs.is_empty() {
         sim_markdown(&mut md, input, bench);
     }
+    if !bench.goals.is_empty() {
+        goals_markdown(&mut md, &bench.goals);
+    }
     if !bench.kvm.is_empty() {
         kvm_markdown(&mut md, input, &bench.kvm);
     }
     md
+}
+
+/// Issue 12's goal rows.
+fn goals_markdown(md: &mut String, goals: &[crate::goals::Goal]) {
+    let _ = writeln!(
+        md,
+        "## Trap and memory goals\n\nEach row is the worst of the runs it covers.\n"
+    );
+    let _ = writeln!(md, "| what | measured | goal (at most) | met | worst run |");
+    let _ = writeln!(md, "|---|---:|---:|---|---|");
+    for g in goals {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            cell(&g.what),
+            g.measured.map_or("-".into(), fmt_f64),
+            fmt_f64(g.at_most),
+            match (g.measured, g.met) {
+                (None, _) => "not measured",
+                (_, true) => "yes",
+                (_, false) => "no",
+            },
+            cell(&g.worst_run)
+        );
+    }
+    md.push('\n');
 }
 
 /// The KVM bench: a table per workload and its plots.

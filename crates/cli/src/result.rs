@@ -91,6 +91,14 @@ pub struct RunResult {
     pub pool_pages: u64,
     /// The most pool pages in use at once.
     pub pool_peak_pages: u64,
+    /// Simulator runs: guest frames shadowed as page tables when the pool was fullest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_tables_at_pool_peak: Option<u64>,
+    /// `pool_peak_pages` / `guest_tables_at_pool_peak`: shadow memory per guest page table
+    /// (1.0 is one shadow page per guest table; splinters of guest superpages, extra
+    /// shadows of one table in several modes and pages held until a flush add to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_pages_per_guest_table: Option<f64>,
     /// The most work one engine call did (shadow and p2m entries read or written).
     pub max_call_work: u64,
     /// Accesses whose outcome differed from the guest oracle's.
@@ -148,6 +156,9 @@ pub struct BenchResults {
     /// from files written before it existed, and from sim-only benches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kvm: Vec<KvmBench>,
+    /// Issue 12's goal rows measured from `runs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub goals: Vec<crate::goals::Goal>,
 }
 
 /// One workload run on the engine's shadows under KVM and natively under KVM, one after the
@@ -192,6 +203,7 @@ impl BenchResults {
             version: BENCH_VERSION,
             runs,
             kvm: Vec::new(),
+            goals: Vec::new(),
         }
     }
 }
@@ -235,6 +247,9 @@ impl RunResult {
         self.traps_per_op = ratio(total, self.guest_ops as f64);
         let demand = self.demand_fault_traps.map_or(total, |t| t as f64);
         self.traps_per_demand_fault = ratio(demand, self.demand_faults as f64);
+        self.pool_pages_per_guest_table = self
+            .guest_tables_at_pool_peak
+            .map(|tables| ratio(self.pool_peak_pages as f64, tables as f64));
         self.traps_per_cow_fault = self
             .cow_fault_traps
             .map(|t| ratio(t as f64, self.cow_faults as f64));
@@ -385,6 +400,7 @@ pub fn bench_table(runs: &[RunResult]) -> String {
         "guest",
         "workload",
         "pair",
+        "pool",
         "guest ops",
         "traps/op",
         "traps/DF",
@@ -392,14 +408,15 @@ pub fn bench_table(runs: &[RunResult]) -> String {
         "mismatches",
     ];
     // Text columns left-aligned, numbers right-aligned.
-    let left = [true, true, true, false, false, false, false, false];
-    let rows: Vec<[String; 8]> = runs
+    let left = [true, true, true, false, false, false, false, false, false];
+    let rows: Vec<[String; 9]> = runs
         .iter()
         .map(|r| {
             [
                 r.guest.clone(),
                 r.workload.clone(),
                 r.pair.clone(),
+                r.pool_pages.to_string(),
                 r.guest_ops.to_string(),
                 fmt_f64(r.traps_per_op),
                 fmt_f64(r.traps_per_demand_fault),

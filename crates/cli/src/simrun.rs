@@ -184,6 +184,7 @@ pub fn result_of(
         evictions: report.evictions,
         pool_pages: report.pool_pages as u64,
         pool_peak_pages: report.pool_peak_pages as u64,
+        guest_tables_at_pool_peak: Some(report.guest_tables_at_pool_peak as u64),
         max_call_work: report.max_call_work,
         oracle_mismatches: report.oracle_mismatches,
         audit_violations: report.audit_violations,

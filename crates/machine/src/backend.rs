@@ -103,6 +103,9 @@ pub struct SimReport {
     pub pool_pages: usize,
     /// The most pool pages ever in use at once.
     pub pool_peak_pages: usize,
+    /// Guest frames shadowed as page tables when the pool was fullest (at the end of the
+    /// first guest operation that reached `pool_peak_pages`).
+    pub guest_tables_at_pool_peak: usize,
     /// Top-level shadows unpinned to make room (the engine's `evictions`).
     pub evictions: u64,
     /// The most work one engine call did (the engine's `max_call_work`).
@@ -141,6 +144,9 @@ pub struct SimBackend {
     /// Engine time spent loading images (not a guest operation).
     load_time: Duration,
     attribution: TrapAttribution,
+    /// (pool pages in use, guest frames shadowed as page tables) after the guest operation
+    /// that used the most pool pages.
+    pool_peak: (usize, usize),
 }
 
 /// Traps charged to the guest fault that caused them: every trap from the start of a user
@@ -246,6 +252,7 @@ impl SimBackend {
             first_audit_violations: Vec::new(),
             load_time: Duration::ZERO,
             attribution: TrapAttribution::default(),
+            pool_peak: (0, 0),
         })
     }
 
@@ -286,6 +293,7 @@ impl SimBackend {
             cache_violations: self.cache_violations + final_caches.len() as u64,
             pool_pages: domain.pool().total_pages(),
             pool_peak_pages: domain.pool().peak_used_pages(),
+            guest_tables_at_pool_peak: self.pool_peak.1,
             evictions: stats.evictions,
             max_call_work: stats.max_call_work,
             unshadows: stats.unshadows,
@@ -306,6 +314,11 @@ impl SimBackend {
     /// Counts one guest operation and runs the samples and audits due.
     fn tick(&mut self) {
         self.ops += 1;
+        let domain = self.machine.domain();
+        let used = domain.pool().used_pages();
+        if used > self.pool_peak.0 {
+            self.pool_peak = (used, domain.shadows().page_table_count());
+        }
         if self.sample_every > 0 && self.ops.is_multiple_of(self.sample_every) {
             let used = self.machine.domain().pool().used_pages() as u64;
             self.pool_series.push((self.ops, used));

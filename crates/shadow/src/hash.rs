@@ -198,6 +198,11 @@ impl ShadowStore {
         self.frames.iter().map(|(m, f)| (*m, f))
     }
 
+    /// How many guest frames are shadowed page tables.
+    pub fn page_table_count(&self) -> usize {
+        self.page_tables.len()
+    }
+
     /// Whether `mfn` is a shadowed guest page table.
     pub fn is_page_table(&self, mfn: Mfn) -> bool {
         self.page_tables.contains(&mfn)
