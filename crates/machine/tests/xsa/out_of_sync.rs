@@ -11,7 +11,7 @@ use shadow2::domain::DomainConfig;
 use shadow2::multi::Pair;
 use shadow2::paging::{PagingLevels, bits};
 
-use crate::engine_support::{DATA, PAGING_PAIRS, TABLE, hvm};
+use crate::engine_support::{PAGING_PAIRS, TABLE, hvm};
 use crate::harness::{DATA_GFN, KDATA, RAM, Xsa};
 
 /// The data the scenarios map (in its own L1), and where the guest maps that L1 writable.
