@@ -32,10 +32,6 @@ const WORDS: usize = (PAGE_SIZE / 8) as usize;
 pub(crate) enum ResyncReason {
     /// A CR3 load or paging-mode change of any vcpu.
     Cr3,
-    /// INVLPG of an address whose walk goes through the page.
-    Invlpg,
-    /// A page fault whose guest walk goes through the page.
-    Fault,
     /// The page is being shadowed anew (at another level, or another flavor).
     Shadowed,
     /// Log-dirty is being enabled or cleaned.
@@ -57,10 +53,10 @@ pub struct OosStats {
     pub extra_writable: u64,
     /// Resyncs at a CR3 load or mode change.
     pub resync_cr3: u64,
-    /// Resyncs at INVLPG.
-    pub resync_invlpg: u64,
-    /// Resyncs at a fault through the page.
-    pub resync_fault: u64,
+    /// Entries brought in sync at INVLPG of their address (the page stays out of sync).
+    pub sync_invlpg: u64,
+    /// Entries brought in sync by a fault through them (the page stays out of sync).
+    pub sync_fault: u64,
     /// Resyncs before the page is shadowed anew (another level or flavor).
     pub resync_shadowed: u64,
     /// Resyncs for log-dirty enable or clean.
@@ -84,8 +80,8 @@ impl OosStats {
             ("oos_unsyncs", self.unsyncs),
             ("oos_extra_writable", self.extra_writable),
             ("oos_resync_cr3", self.resync_cr3),
-            ("oos_resync_invlpg", self.resync_invlpg),
-            ("oos_resync_fault", self.resync_fault),
+            ("oos_sync_invlpg", self.sync_invlpg),
+            ("oos_sync_fault", self.sync_fault),
             ("oos_resync_shadowed", self.resync_shadowed),
             ("oos_resync_log_dirty", self.resync_log_dirty),
             ("oos_resync_p2m", self.resync_p2m),
@@ -99,8 +95,6 @@ impl OosStats {
     /// Every resync, whatever its reason.
     pub fn resyncs(&self) -> u64 {
         self.resync_cr3
-            + self.resync_invlpg
-            + self.resync_fault
             + self.resync_shadowed
             + self.resync_log_dirty
             + self.resync_p2m
@@ -111,8 +105,6 @@ impl OosStats {
     fn count(&mut self, reason: ResyncReason) {
         let c = match reason {
             ResyncReason::Cr3 => &mut self.resync_cr3,
-            ResyncReason::Invlpg => &mut self.resync_invlpg,
-            ResyncReason::Fault => &mut self.resync_fault,
             ResyncReason::Shadowed => &mut self.resync_shadowed,
             ResyncReason::LogDirty => &mut self.resync_log_dirty,
             ResyncReason::P2m => &mut self.resync_p2m,
@@ -371,6 +363,34 @@ impl<H: MachineMemory> Domain<H> {
             }
         }
         Ok(())
+    }
+
+    /// Brings the guest word at byte `offset` of out-of-sync page `mfn` (one 64-bit entry
+    /// or two 32-bit ones) into its shadows if it changed since the snapshot, leaving the
+    /// page out of sync (KVM syncs the faulting entry the same way): what a fault through
+    /// the entry, or INVLPG of its address, needs. Returns whether it changed.
+    pub(crate) fn sync_word(
+        &mut self,
+        mfn: Mfn,
+        offset: u64,
+        at_invlpg: bool,
+    ) -> Result<bool, EngineError> {
+        let offset = offset & !7;
+        let Some(old) = self.synced_entry(mfn, offset, 8) else {
+            return Ok(false);
+        };
+        let now = self.host.read_u64(Maddr::new(mfn.base().raw() + offset))?;
+        if now == old {
+            return Ok(false);
+        }
+        if at_invlpg {
+            self.oos.stats.sync_invlpg += 1;
+        } else {
+            self.oos.stats.sync_fault += 1;
+        }
+        // Validating an out-of-sync page's range moves its snapshot along.
+        self.validate_frame(mfn, offset, 8)?;
+        Ok(true)
     }
 
     /// Brings every out-of-sync page back in sync (a CR3 load, log-dirty, a host flush).

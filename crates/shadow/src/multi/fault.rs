@@ -671,7 +671,7 @@ where
         gl1e: Gpa,
         slot: Maddr,
     ) -> Result<(), EngineError> {
-        if !d.fast_path_on() {
+        if !d.fast_path_on() || Self::l1_out_of_sync(d, frames, gl1e) {
             return Ok(());
         }
         let first = Self::soffset(1, va.raw());

@@ -5,7 +5,6 @@
 use super::{Engine, Supported};
 use crate::addr::{Gpa, Gva, Maddr, Mfn};
 use crate::domain::guest_mem::{FrameCache, FrameMap, GuestMem};
-use crate::domain::oos::ResyncReason;
 use crate::domain::{Domain, EngineError};
 use crate::host::MachineMemory;
 use crate::p2m::P2mType;
@@ -17,14 +16,14 @@ impl<G: PagingMode, S: PagingMode> Engine<G, S>
 where
     (G, S): Supported,
 {
-    /// The machine frame of the guest L1 table the guest's walk of `va` reads, if any
-    /// (a walk without A/D updates: it changes nothing).
+    /// The machine frame of the guest L1 table the guest's walk of `va` reads, and the
+    /// entry's byte offset in it, if any (a walk without A/D updates: it changes nothing).
     fn walked_l1<H: MachineMemory>(
         d: &mut Domain<H>,
         v: usize,
         va: Gva,
         access: Access,
-    ) -> Option<Mfn> {
+    ) -> Option<(Mfn, u64)> {
         let ctl = d.vcpus.get(v)?.ctl;
         let feat = d.config.guest_features;
         let env = WalkEnv {
@@ -42,16 +41,16 @@ where
             Ok(t) => t.path,
             Err(f) => f.path,
         };
-        let l1 = path.at_level(1)?.addr.gfn();
-        match frames.guest_frame(d, l1) {
-            Some((mfn, P2mType::Ram)) => Some(mfn),
+        let entry = path.at_level(1)?.addr;
+        match frames.guest_frame(d, entry.gfn()) {
+            Some((mfn, P2mType::Ram)) => Some((mfn, entry.offset())),
             _ => None,
         }
     }
 
-    /// Before a fault is handled: brings the L1 page the guest's walk of `va` goes through
-    /// back in sync if it is out of sync, so the fault is decided on the guest's entries as
-    /// they are (an entry the guest made present or more permissive never faults visibly).
+    /// Before a fault is handled: brings the L1 entry the guest's walk of `va` goes through
+    /// in sync if its page is out of sync, so the fault is decided on the guest's entry as
+    /// it is (an entry the guest made present or more permissive never faults visibly).
     pub(super) fn resync_walked<H: MachineMemory>(
         d: &mut Domain<H>,
         v: usize,
@@ -61,8 +60,8 @@ where
         if !d.any_out_of_sync() {
             return Ok(());
         }
-        if let Some(l1) = Self::walked_l1(d, v, va, access) {
-            d.resync_page(l1, ResyncReason::Fault)?;
+        if let Some((l1, offset)) = Self::walked_l1(d, v, va, access) {
+            d.sync_word(l1, offset, false)?;
         }
         Ok(())
     }
@@ -77,8 +76,21 @@ where
             })
     }
 
-    /// INVLPG: brings the L1 page the walk of `va` goes through back in sync (Xen resyncs
-    /// that page); returns whether the hardware must flush `va`.
+    /// Whether the guest L1 holding the entry at `gl1e` is out of sync: its other entries
+    /// may differ from what its shadows were validated from, so nothing may be filled
+    /// from them ahead of a fault.
+    pub(super) fn l1_out_of_sync<H: MachineMemory>(
+        d: &Domain<H>,
+        frames: &FrameCache,
+        gl1e: Gpa,
+    ) -> bool {
+        d.any_out_of_sync()
+            && matches!(frames.guest_frame(d, gl1e.gfn()), Some((mfn, P2mType::Ram)) if d.is_out_of_sync(mfn))
+    }
+
+    /// INVLPG: brings the L1 entry the walk of `va` goes through in sync (the rest of an
+    /// out-of-sync page may stay as it is: INVLPG promises nothing for other addresses);
+    /// returns whether the hardware must flush `va`.
     pub(super) fn invlpg<H: MachineMemory>(
         d: &mut Domain<H>,
         v: usize,
@@ -90,8 +102,8 @@ where
         if d.any_out_of_sync() {
             let va = if G::VA_BITS == 32 { va.low32() } else { va };
             let probe = Access::new(AccessKind::Read, Privilege::Supervisor);
-            if let Some(l1) = Self::walked_l1(d, v, va, probe) {
-                d.resync_page(l1, ResyncReason::Invlpg)?;
+            if let Some((l1, offset)) = Self::walked_l1(d, v, va, probe) {
+                d.sync_word(l1, offset, true)?;
             }
         }
         Ok(true)
