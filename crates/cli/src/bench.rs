@@ -41,6 +41,9 @@ pub struct Args {
     /// Print one JSON object (the results without pool series) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Out-of-sync shadows on or off (default: the simulator's; sim backend only).
+    #[arg(long, value_name = "on|off", value_parser = simrun::parse_on_off)]
+    out_of_sync: Option<bool>,
 }
 
 /// `workload`'s default size times `--scale`, at least 1 and at most its largest.
@@ -142,10 +145,11 @@ fn goal_runs(
 /// A finished run, and what it found wrong if anything.
 type Outcome = Result<(RunResult, Option<String>), String>;
 
-fn one((spec, pool_pages): &BenchRun) -> Outcome {
+fn one((spec, pool_pages): &BenchRun, out_of_sync: Option<bool>) -> Outcome {
     let opts = MachineOptions {
         pool_pages: *pool_pages,
         sample_every: (spec.size * 20).max(200),
+        out_of_sync,
     };
     let mut backend = simrun::sim_backend(spec, opts)?;
     let started = Instant::now();
@@ -194,7 +198,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
                         i
                     };
                     let Some(spec) = specs.get(i) else { return };
-                    let r = one(spec);
+                    let r = one(spec, args.out_of_sync);
                     if let Ok(mut all) = results.lock()
                         && let Some(slot) = all.get_mut(i)
                     {

@@ -189,6 +189,7 @@ pub fn sim_recorded(spec: &RunSpec, pool_pages: usize) -> Result<(SimBackend, Re
     let opts = crate::simrun::MachineOptions {
         pool_pages: Some(pool_pages),
         sample_every: 0,
+        out_of_sync: None,
     };
     let mut sim = crate::simrun::sim_backend(spec, opts)?;
     let recorded = run_recorded(spec, &mut sim, "sim")?;

@@ -132,6 +132,13 @@ pub struct RunResult {
     /// null then).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_skipped: Option<String>,
+    /// Simulator runs: whether out-of-sync shadows were on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_of_sync: Option<bool>,
+    /// Simulator runs with out-of-sync shadows: the engine's counters of them (pages
+    /// unsynced, resyncs by reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oos: Option<BTreeMap<String, u64>>,
 }
 
 /// Differences between one run and the same guest on another backend: operations whose

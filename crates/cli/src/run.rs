@@ -45,6 +45,9 @@ pub struct Args {
     /// Print one JSON object instead of the summary table.
     #[arg(long)]
     json: bool,
+    /// Out-of-sync shadows on or off (default: the simulator's; sim backend only).
+    #[arg(long, value_name = "on|off", value_parser = simrun::parse_on_off)]
+    out_of_sync: Option<bool>,
 }
 
 /// Runs it; exit code 1 if the oracle, the auditor or the guest found anything wrong.
@@ -62,11 +65,15 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
         if args.record.is_some() {
             return Err("--record works with --backend sim only".into());
         }
+        if args.out_of_sync.is_some() {
+            return Err("--out-of-sync works with --backend sim only".into());
+        }
         return kvm_cmd::run(backend, &spec, pool_pages, args.json);
     }
     let opts = MachineOptions {
         pool_pages,
         sample_every: 0,
+        out_of_sync: args.out_of_sync,
     };
     let mut backend = simrun::sim_backend(&spec, opts)?;
     let bar = progress::bar(spec.size, &format!("{} {}", spec.guest, spec.workload));

@@ -67,6 +67,17 @@ pub struct MachineOptions {
     pub pool_pages: Option<usize>,
     /// Guest operations between pool-occupancy samples (0: the simulator's default).
     pub sample_every: u64,
+    /// Out-of-sync shadows on or off (default: the simulator's).
+    pub out_of_sync: Option<bool>,
+}
+
+/// Parses an `on`/`off` option value.
+pub fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
 }
 
 /// A `--guest` value.
@@ -136,6 +147,9 @@ pub fn sim_backend(spec: &RunSpec, opts: MachineOptions) -> Result<SimBackend, S
     if opts.sample_every > 0 {
         cfg.sample_every = opts.sample_every;
     }
+    if let Some(on) = opts.out_of_sync {
+        cfg.out_of_sync = on;
+    }
     SimBackend::new(cfg)
 }
 
@@ -192,6 +206,10 @@ pub fn result_of(
         wall_s: started.elapsed().as_secs_f64(),
         digest: format!("{:016x}", counters.digest),
         pool_series: report.pool_series.clone(),
+        out_of_sync: Some(report.out_of_sync),
+        oos: report
+            .out_of_sync
+            .then(|| report.oos_stats.iter().cloned().collect()),
         ..RunResult::default()
     };
     r.fill_ratios();

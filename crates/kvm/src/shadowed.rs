@@ -216,12 +216,17 @@ impl Paging for KvmMachine {
                 self.control(|d| d.update_cr3(v))
             }
             Privileged::Invlpg => {
-                let needed = self
+                let (needed, flush) = self
                     .engine(|d| d.invlpg(v, Gva::new(arg)))
                     .map_err(|e| OpError::Backend(e.to_string()))?;
-                if needed {
+                if needed || flush != Flush::NONE {
                     // KVM keeps its own copy of the shadows; only a zap drops it.
-                    self.settle(Flush::of(VcpuSet::one(v)))
+                    let own = if needed {
+                        Flush::of(VcpuSet::one(v))
+                    } else {
+                        Flush::NONE
+                    };
+                    self.settle(flush.merge(own))
                         .map_err(|e| OpError::Backend(e.to_string()))?;
                 }
                 Ok(())

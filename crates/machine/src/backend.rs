@@ -36,6 +36,9 @@ pub struct SimConfig {
     /// Guest operations between two full audits of the domain; 0: only the audit of
     /// [`SimBackend::report`].
     pub audit_every: u64,
+    /// Out-of-sync shadows ([`DomainConfig::out_of_sync`]), with the engine's default
+    /// bound.
+    pub out_of_sync: bool,
 }
 
 impl SimConfig {
@@ -59,6 +62,7 @@ impl SimConfig {
             teardown: TeardownHints::NONE,
             sample_every: Self::DEFAULT_SAMPLE_EVERY,
             audit_every: 0,
+            out_of_sync: false,
         }
     }
 
@@ -75,6 +79,7 @@ impl SimConfig {
             *slot = Some(*hint);
         }
         config.teardown = self.teardown;
+        config.out_of_sync = self.out_of_sync;
         Ok(config)
     }
 }
@@ -122,6 +127,10 @@ pub struct SimReport {
     pub pool_series: Vec<(u64, u64)>,
     /// Every engine counter, by name.
     pub stats: Vec<(String, u64)>,
+    /// Whether out-of-sync shadows were on.
+    pub out_of_sync: bool,
+    /// The engine's counters of out-of-sync shadows, by name.
+    pub oos_stats: Vec<(String, u64)>,
 }
 
 /// At most this many audit violations are kept in words.
@@ -304,6 +313,13 @@ impl SimBackend {
                 .as_secs_f64(),
             pool_series,
             stats: stats
+                .fields()
+                .iter()
+                .map(|&(name, value)| (name.to_string(), value))
+                .collect(),
+            out_of_sync: domain.config().out_of_sync,
+            oos_stats: domain
+                .out_of_sync_stats()
                 .fields()
                 .iter()
                 .map(|&(name, value)| (name.to_string(), value))

@@ -381,7 +381,8 @@ impl ShadowMachine {
     /// INVLPG.
     pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<(), GuestError> {
         self.traps.invlpg += 1;
-        let needed = self.call(|d| d.invlpg(v, va)).map_err(GuestError::Engine)?;
+        let (needed, flush) = self.call(|d| d.invlpg(v, va)).map_err(GuestError::Engine)?;
+        self.settle(flush);
         if needed && let Some(cpu) = self.cpus.get_mut(v) {
             cpu.invlpg(va);
         }
@@ -390,7 +391,15 @@ impl ShadowMachine {
 
     /// Flushes every vcpu's TLB and paging-structure caches, as a guest does after changing
     /// upper-level entries (a CR3 reload on every vcpu, or a global shootdown).
+    ///
+    /// With out-of-sync shadows such a flush is a sync point, which a real host sees (a
+    /// CR3 write or CR4.PGE toggle exits): the engine is told, and its flush carried out.
     pub fn flush_all_tlbs(&mut self) {
+        if self.domain.config().out_of_sync
+            && let Ok(flush) = self.call(|d| d.resync_out_of_sync())
+        {
+            self.settle(flush);
+        }
         for cpu in &mut self.cpus {
             cpu.flush_tlb_all();
         }

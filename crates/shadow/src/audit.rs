@@ -64,6 +64,12 @@ pub fn audit<H: MachineMemory>(d: &Domain<H>) -> AuditReport {
     audit_reachability(d, &mut r);
     audit_vcpus(d, &mut r);
     audit_p2m(d, &mut r);
+    if d.out_of_sync_records() > d.config.max_out_of_sync {
+        r.fail(
+            "more pages out of sync than the domain's bound",
+            d.out_of_sync_records() as u64,
+        );
+    }
     r
 }
 
@@ -204,7 +210,8 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                             r.fail("magic entry disagrees with guest entry and p2m", slot.raw());
                         }
                     } else if !(within(e, x, width)
-                        || (d.awaits_reprotect(slot) && within(e & !bits::RW, x, width)))
+                        || ((d.awaits_reprotect(slot) || out_of_sync_writable(d, e, slot))
+                            && within(e & !bits::RW, x, width)))
                     {
                         r.fail(
                             "shadow entry grants more than guest and rules allow",
@@ -267,7 +274,7 @@ fn check_writable_target<H: MachineMemory>(
     m: Mfn,
     slot: Maddr,
 ) {
-    if d.store.is_page_table(m) {
+    if d.store.is_page_table(m) && !d.out_of_sync_slot(m, slot) {
         r.fail("writable mapping of a shadowed page table", slot.raw());
     }
     if d.pool.contains(m) {
@@ -431,6 +438,13 @@ fn audit_p2m<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
             }
         }
     }
+}
+
+/// Whether leaf `e` at `slot` is a writable mapping the engine gave an out-of-sync page
+/// table (the only writable mappings a shadowed page table may have).
+fn out_of_sync_writable<H: MachineMemory>(d: &Domain<H>, e: u64, slot: Maddr) -> bool {
+    d.sentry_frame(e)
+        .is_some_and(|m| d.out_of_sync_slot(m, slot))
 }
 
 /// Whether `e` is a fast-path MMIO entry whose guest frame has become RAM since: it maps

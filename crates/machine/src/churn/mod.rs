@@ -88,6 +88,13 @@ pub struct ChurnReport {
     pub pool_peak_pages: usize,
     /// Hardware walks that started at a paging-structure-cache entry instead of the root.
     pub cached_walks: u64,
+    /// Runs with out-of-sync shadows on (one of the two runs of a pair, see
+    /// [`out_of_sync_for`]).
+    pub out_of_sync_runs: u64,
+    /// Pages that went out of sync.
+    pub oos_unsyncs: u64,
+    /// Out-of-sync pages brought back in sync, for any reason.
+    pub oos_resyncs: u64,
 }
 
 impl ChurnReport {
@@ -163,6 +170,12 @@ struct Churn {
     min_pool: usize,
 }
 
+/// Whether a run has out-of-sync shadows on: odd seeds. `check shadow` runs each pair's
+/// tiny-pool half with the next seed, so one of its two runs has them, whatever the seed.
+pub fn out_of_sync_for(cfg: &ChurnConfig) -> bool {
+    cfg.seed % 2 == 1
+}
+
 /// Runs one pair.
 pub fn run(cfg: ChurnConfig) -> Result<ChurnReport, EngineError> {
     run_counted(cfg, &AtomicU64::new(0))
@@ -223,6 +236,7 @@ impl Churn {
         let mut config = DomainConfig::hvm(shadow, VCPUS, NORMAL_POOL);
         // Internal mode (a hypervisor hole in the L4) on 64-bit shadows, every other seed.
         config.external = !(shadow == PagingLevels::Four && cfg.seed % 2 == 1);
+        config.out_of_sync = out_of_sync_for(&cfg);
         let min_pool = config.min_pool_pages();
         if cfg.tiny_pool {
             config.pool_pages = min_pool;
@@ -736,6 +750,10 @@ impl Churn {
         self.report.fast_path = stats.fast_path;
         self.report.unshadows = stats.unshadows;
         self.report.pool_peak_pages = self.m.domain().pool().peak_used_pages();
+        let oos = self.m.domain().out_of_sync_stats();
+        self.report.out_of_sync_runs = u64::from(self.m.domain().config().out_of_sync);
+        self.report.oos_unsyncs = oos.unsyncs;
+        self.report.oos_resyncs = oos.resyncs();
         self.report.cached_walks = (0..VCPUS)
             .filter_map(|v| self.m.cpu(v))
             .map(|cpu| cpu.psc().stats().hits)

@@ -139,7 +139,11 @@ fn translation_problem(
         if !mappable.contains(&frame) {
             return Some("maps a frame that is not the domain's RAM");
         }
-        if t.perms.write && t.dirty && domain.shadows().is_page_table(frame) {
+        if t.perms.write
+            && t.dirty
+            && domain.shadows().is_page_table(frame)
+            && !domain.is_out_of_sync(frame)
+        {
             return Some("maps a shadowed page table writable");
         }
     }

@@ -427,6 +427,19 @@ impl TreeWalk<'_> {
                 .push(format!("{here} maps hypervisor-side frame {frame}"));
         }
         let Some(vcpu) = d.vcpu(v) else { return };
+        let out_of_sync_l1 = d.shadows().containing(slot.mfn()).is_some_and(|(_, info)| {
+            !info.key.kind.is_fl1() && d.is_out_of_sync(Mfn::new(info.key.frame))
+        });
+        if out_of_sync_l1 {
+            // An out-of-sync L1 shadow follows its snapshot, not the guest's page (the
+            // auditor compares it with the snapshot); what it maps must still be the
+            // domain's, and writable only where the guest may write a page table natively.
+            if rights.write && d.shadows().is_page_table(frame) && !d.is_out_of_sync(frame) {
+                self.out
+                    .push(format!("{here} writable over shadowed page table {frame}"));
+            }
+            return;
+        }
         let mut ctl = *vcpu.control();
         // The guest's rights alone: no SMEP/SMAP/PKRU verdict for this supervisor read.
         ctl.cr4 &= !(cr::CR4_SMEP | cr::CR4_SMAP | cr::CR4_PKE);
@@ -462,7 +475,7 @@ impl TreeWalk<'_> {
             self.out
                 .push(format!("{here} writable while the guest leaf's D is clear"));
         }
-        if rights.write && d.shadows().is_page_table(frame) {
+        if rights.write && d.shadows().is_page_table(frame) && !d.is_out_of_sync(frame) {
             self.out
                 .push(format!("{here} writable over shadowed page table {frame}"));
         }
@@ -499,7 +512,7 @@ fn check_tlbs(m: &ShadowMachine, owned: &BTreeSet<Mfn>, out: &mut Vec<String>) {
                         entry.va
                     ));
                 }
-                if entry.perms.write && d.shadows().is_page_table(f) {
+                if entry.perms.write && d.shadows().is_page_table(f) && !d.is_out_of_sync(f) {
                     out.push(format!(
                         "vcpu {v}: TLB maps {} writable over shadowed page table {f}",
                         entry.va

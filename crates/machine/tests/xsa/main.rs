@@ -13,6 +13,7 @@ mod harness;
 mod invariants;
 mod livelock;
 mod long_ops;
+mod out_of_sync;
 mod p2m_changes;
 mod pdpte;
 mod pool;

@@ -79,6 +79,16 @@ pub struct DomainConfig {
     /// it stops and leaves a continuation (see the crate documentation, "Bounded work"). Every
     /// call does at most this much plus [`DomainConfig::CALL_WORK_SLACK`].
     pub call_work_budget: usize,
+    /// Out-of-sync shadows (Xen's OOS, KVM's unsync pages): a write fault on a guest page
+    /// table shadowed only as L1 gives the faulting mapping write access and leaves the
+    /// page out of sync, instead of emulating the write; the page is brought back in sync
+    /// at CR3 loads, INVLPG and faults through it, before other uses, log-dirty and p2m
+    /// changes (see `domain::oos`). A host whose vcpus run while the engine works (KVM
+    /// with vcpu threads) must not turn it on: a resync compares the page after removing
+    /// write access, which holds only once the flush is carried out.
+    pub out_of_sync: bool,
+    /// The most pages out of sync at once (the oldest is resynced to make room).
+    pub max_out_of_sync: usize,
 }
 
 impl DomainConfig {
@@ -103,8 +113,17 @@ impl DomainConfig {
             early_unshadow_writes: DomainConfig::DEFAULT_EARLY_UNSHADOW_WRITES,
             teardown: TeardownHints::NONE,
             call_work_budget: DomainConfig::DEFAULT_CALL_WORK_BUDGET,
+            out_of_sync: false,
+            max_out_of_sync: DomainConfig::DEFAULT_MAX_OUT_OF_SYNC,
         }
     }
+
+    /// The default [`DomainConfig::max_out_of_sync`].
+    pub const DEFAULT_MAX_OUT_OF_SYNC: usize = 8;
+
+    /// The largest [`DomainConfig::max_out_of_sync`]: a CR3 load resyncs every page out of
+    /// sync, 512 words and their validation each, within the call's work bound.
+    pub const MAX_OUT_OF_SYNC: usize = 64;
 
     /// The default [`DomainConfig::scan_budget`]: 128 Ki entries per fault, that is 1 MiB
     /// of shadow memory read (256 pages of PAE or 64-bit L1 shadows, 128 of 2-level ones).

@@ -203,6 +203,8 @@ impl<H: MachineMemory> Domain<H> {
             let mut enabling = match d.log_dirty.as_ref().and_then(|l| l.enabling) {
                 Some(e) => e,
                 None => {
+                    // Out-of-sync pages are written without faults: in sync first.
+                    d.resync_all(super::oos::ResyncReason::LogDirty)?;
                     d.log_dirty = Some(DirtyLog::default());
                     Enabling::default()
                 }
@@ -299,6 +301,9 @@ impl<H: MachineMemory> Domain<H> {
             let mut cleaning = match d.cleaning.take() {
                 Some(c) => c,
                 None => {
+                    // Out-of-sync pages are written without faults: in sync (and
+                    // read-only) before the bitmap is taken.
+                    d.resync_all(super::oos::ResyncReason::LogDirty)?;
                     let log = d
                         .log_dirty
                         .as_mut()

@@ -136,6 +136,10 @@ impl<H: MachineMemory> Domain<H> {
             // Its unshadow waits for a scan: this call goes on with it, then makes anew.
             self.continue_unshadow(head)?;
         }
+        if !key.kind.is_fl1() && key.kind != ShadowKind::VcpuTop {
+            // Shadowed anew (another level, or flavor): its shadows must agree first.
+            self.resync_page(Mfn::new(key.frame), super::oos::ResyncReason::Shadowed)?;
+        }
         let order = key.kind.order(self.config.shadow_levels);
         let head = self.take_block(order)?;
         for i in 0..1u64 << order {

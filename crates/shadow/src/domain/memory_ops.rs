@@ -60,6 +60,9 @@ impl<H: MachineMemory> Domain<H> {
                 .ok_or(EngineError::Internal("a shadow of an unsupported pair"))?;
             pair.validate(self, head, key, offset, len)?;
         }
+        if self.any_out_of_sync() {
+            self.refresh_snapshot(mfn, offset, len)?;
+        }
         Ok(())
     }
 
@@ -300,6 +303,7 @@ impl<H: MachineMemory> Domain<H> {
                 ..
             }) = old
             {
+                d.resync_page(mfn, super::oos::ResyncReason::P2m)?;
                 d.prealloc_root_rebuilds(mfn)?;
                 d.remove_all_mappings(mfn)?;
                 d.unshadow(mfn)?;
@@ -359,6 +363,7 @@ impl<H: MachineMemory> Domain<H> {
                     "the domain does not own the frame",
                 ));
             }
+            d.resync_page(mfn, super::oos::ResyncReason::P2m)?;
             d.prealloc_root_rebuilds(mfn)?;
             d.remove_all_mappings(mfn)?;
             d.unshadow(mfn)?;

@@ -14,6 +14,7 @@ mod hole;
 mod limbo;
 pub(crate) mod marker;
 mod memory_ops;
+pub(crate) mod oos;
 mod teardown;
 mod vcpu;
 
@@ -23,6 +24,7 @@ use alloc::vec::Vec;
 pub use config::{DomainConfig, EngineError, GuestFault, RefcountMode};
 pub use control::{CleanProgress, ShadowOp, ShadowOpResult};
 pub use emulate_ops::EmulateOutcome;
+pub use oos::OosStats;
 pub use teardown::TeardownProgress;
 pub(crate) use vcpu::RootLoad;
 pub use vcpu::Vcpu;
@@ -110,6 +112,8 @@ pub struct Domain<H: MachineMemory> {
     /// The host's L4 entry for the hypervisor hole of every 4-level top (0: none), see
     /// [`Domain::set_hypervisor_l3`].
     pub(crate) hole_entry: u64,
+    /// Out-of-sync pages and their snapshots (see [`oos`]).
+    pub(crate) oos: oos::OutOfSync,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -130,6 +134,11 @@ impl<H: MachineMemory> Domain<H> {
         if config.shadow_levels == PagingLevels::Zero {
             return Err(EngineError::BadArgument(
                 "shadow tables need 2, 3 or 4 levels",
+            ));
+        }
+        if config.max_out_of_sync > DomainConfig::MAX_OUT_OF_SYNC {
+            return Err(EngineError::BadArgument(
+                "more out-of-sync pages than DomainConfig::MAX_OUT_OF_SYNC",
             ));
         }
         if config.pool_pages > DomainConfig::MAX_POOL_PAGES {
@@ -188,6 +197,7 @@ impl<H: MachineMemory> Domain<H> {
             rmap: config.reverse_map.then(crate::rmap::ReverseMap::new),
             teardown: None,
             hole_entry: 0,
+            oos: oos::OutOfSync::default(),
         })
     }
 
@@ -411,6 +421,7 @@ impl<H: MachineMemory> Domain<H> {
         self.check_vcpu(v)?;
         let result = self.run(|d| {
             d.stats.mode_updates += 1;
+            d.resync_all(oos::ResyncReason::Cr3)?;
             let vcpu = &d.vcpus[v];
             let (ctl, before) = (vcpu.ctl, vcpu.applied);
             let levels = ctl.levels();
@@ -455,6 +466,7 @@ impl<H: MachineMemory> Domain<H> {
             let pair = d.vcpus[v]
                 .pair
                 .ok_or(EngineError::BadArgument("update_paging_modes first"))?;
+            d.resync_all(oos::ResyncReason::Cr3)?;
             let ctl = d.vcpus[v].ctl;
             let pdptes = if ctl.levels() == PagingLevels::Three {
                 d.read_pdptes(ctl.cr3)?
@@ -612,18 +624,18 @@ impl<H: MachineMemory> Domain<H> {
         })
     }
 
-    /// INVLPG by the guest: returns whether the hardware must flush `va` (the shadows are
-    /// always in sync, so only the TLB can be stale).
-    pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<bool, EngineError> {
+    /// INVLPG by the guest: returns whether the hardware must flush `va`, and the flush
+    /// the engine needs besides (an out-of-sync page the address's walk goes through is
+    /// brought back in sync, which may take rights away).
+    pub fn invlpg(&mut self, v: usize, va: Gva) -> Result<(bool, Flush), EngineError> {
         self.check_vcpu(v)?;
         self.run(|d| {
             d.stats.invlpg += 1;
             let pair = d.vcpus[v]
                 .pair
                 .ok_or(EngineError::BadArgument("vcpu has no paging mode yet"))?;
-            Ok(pair.invlpg(d, v, va))
+            pair.invlpg(d, v, va)
         })
-        .map(|(b, _)| b)
     }
 }
 

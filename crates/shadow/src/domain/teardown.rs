@@ -88,6 +88,7 @@ impl<H: MachineMemory> Domain<H> {
         self.log_dirty = None;
         self.cleaning = None;
         self.remove = crate::remove::RemoveState::default();
+        self.forget_out_of_sync();
     }
 
     /// Gives up to `budget` shadows, and pages waiting for a flush, back to the pool. Their

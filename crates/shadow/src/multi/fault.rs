@@ -203,6 +203,7 @@ where
             return Ok(outcome);
         }
 
+        Self::resync_walked(d, v, va, access)?;
         let frames = FrameCache::new();
         let flavor = d.vcpus[v].flavor;
         let feat = d.config.guest_features;
@@ -468,6 +469,9 @@ where
             }
             let wp0_write = !t.perms.write;
             if d.store.is_page_table(mfn) || wp0_write || d.write_scan_pending(mfn) {
+                if !wp0_write && Self::try_unsync(d, v, va, access, mfn)? {
+                    return Ok(FaultOutcome::Fixed);
+                }
                 return Ok(FaultOutcome::Emulate {
                     gpa: Self::gpa_of(gfn, va.raw()),
                 });
@@ -529,7 +533,7 @@ where
         let Some(last) = failure.path.last() else {
             return Ok(None);
         };
-        if last.level != 1 {
+        if last.level != 1 || Self::fast_path_out_of_sync(d, last.addr) {
             return Ok(None);
         }
         match d.decode_magic(last.value) {
@@ -667,7 +671,7 @@ where
         gl1e: Gpa,
         slot: Maddr,
     ) -> Result<(), EngineError> {
-        if !d.fast_path_on() {
+        if !d.fast_path_on() || Self::l1_out_of_sync(d, frames, gl1e) {
             return Ok(());
         }
         let first = Self::soffset(1, va.raw());
@@ -921,11 +925,5 @@ where
         }
         d.p2m_writable.insert(gfn);
         Ok(FaultOutcome::Fixed)
-    }
-
-    pub(super) fn invlpg<H: MachineMemory>(_d: &mut Domain<H>, _v: usize, _va: Gva) -> bool {
-        // Shadows are kept in sync with every guest write, so no shadow entry is stale;
-        // only the hardware TLB may hold the old translation.
-        G::NUM_LEVELS != 0
     }
 }

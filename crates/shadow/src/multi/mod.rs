@@ -12,6 +12,7 @@
 mod cr3;
 mod engine;
 mod fault;
+mod oos;
 mod validate;
 
 use core::marker::PhantomData;
@@ -175,7 +176,12 @@ impl Pair {
         dispatch!(self, page_fault(d, v, va, ec))
     }
 
-    pub(crate) fn invlpg<H: MachineMemory>(self, d: &mut Domain<H>, v: usize, va: Gva) -> bool {
+    pub(crate) fn invlpg<H: MachineMemory>(
+        self,
+        d: &mut Domain<H>,
+        v: usize,
+        va: Gva,
+    ) -> Result<bool, EngineError> {
         dispatch!(self, invlpg(d, v, va))
     }
 

@@ -94,7 +94,12 @@ where
             let pkey = key.flavor.pkey;
             return Ok(Some(Self::fl1_sentry(d, &FrameCache::new(), 0, gfn, pkey)?));
         }
-        let gentry = Self::read_gentry_in(d, Mfn::new(key.frame), index)?;
+        // An out-of-sync page's shadows were validated from its snapshot.
+        let table = Mfn::new(key.frame);
+        let gentry = match d.synced_entry(table, index * G::ENTRY_BYTES, G::ENTRY_BYTES) {
+            Some(entry) => entry,
+            None => Self::read_gentry_in(d, table, index)?,
+        };
         Ok(Some(Self::leaf_sentry(
             d,
             &FrameCache::new(),
