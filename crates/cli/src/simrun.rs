@@ -189,6 +189,7 @@ pub fn result_of(
         wall_s: started.elapsed().as_secs_f64(),
         digest: format!("{:016x}", counters.digest),
         pool_series: report.pool_series.clone(),
+        engine_stats: report.stats.iter().cloned().collect(),
         ..RunResult::default()
     };
     r.fill_ratios();

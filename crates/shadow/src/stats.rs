@@ -113,10 +113,11 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 46] {
+    pub fn fields(&self) -> [(&'static str, u64); 47] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
+            ("prefetched", self.prefetched),
             ("fault_propagated", self.fault_propagated),
             ("fault_emulate", self.fault_emulate),
             ("fault_mmio", self.fault_mmio),

@@ -12,6 +12,7 @@
 mod cr3;
 mod engine;
 mod fault;
+mod prefetch;
 mod validate;
 
 use core::marker::PhantomData;
