@@ -14,6 +14,7 @@ mod hole;
 mod limbo;
 pub(crate) mod marker;
 mod memory_ops;
+mod overwrite;
 mod teardown;
 mod vcpu;
 
