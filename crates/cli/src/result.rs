@@ -119,6 +119,10 @@ pub struct RunResult {
     /// Pool pages in use over the run: (guest operations so far, pool pages in use).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pool_series: Vec<(u64, u64)>,
+    /// Simulator runs: every engine counter (`shadow2::stats::Stats::fields`) by name, to
+    /// count where traps and engine time go (prefetched entries, blow-tables, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub engine_stats: BTreeMap<String, u64>,
     /// KVM runs only: VM exits by kind (`ExitCounts::by_kind`, `total` included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_exits: Option<BTreeMap<String, u64>>,

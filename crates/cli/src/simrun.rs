@@ -210,6 +210,7 @@ pub fn result_of(
         oos: report
             .out_of_sync
             .then(|| report.oos_stats.iter().cloned().collect()),
+        engine_stats: report.stats.iter().cloned().collect(),
         ..RunResult::default()
     };
     r.fill_ratios();

@@ -37,6 +37,7 @@
 //! leave it in that CPU's paging-structure caches until a flush, while the host could
 //! already have reused the frame. This is also what Xen does.
 
+mod cache;
 #[cfg(test)]
 mod tests;
 
@@ -48,6 +49,7 @@ use crate::addr::{Gfn, Maddr, Mfn, PAGE_SHIFT};
 use crate::host::MachineMemory;
 use crate::paging::bits;
 use crate::paging::{MemError, PagingLevels, PhysMem};
+use cache::LookupCache;
 
 /// Flags of a non-leaf entry (a PAE PDPTE excepted).
 const TABLE_FLAGS: u64 = bits::P | bits::RW | bits::US | bits::A;
@@ -439,6 +441,8 @@ pub struct P2m {
     /// A root entry of the host's (its index and value): the hypervisor hole of a
     /// paging-disabled guest, which runs on the root. No guest frame lies under it.
     host_entry: Option<(u64, u64)>,
+    /// Entries and leaf tables found by earlier lookups (see `p2m/cache.rs`).
+    cache: LookupCache,
 }
 
 impl P2m {
@@ -464,6 +468,7 @@ impl P2m {
             mapped: 0,
             dying: false,
             host_entry: None,
+            cache: LookupCache::new(),
         })
     }
 
@@ -617,15 +622,41 @@ impl P2m {
         Ok(Reach::Leaf(table))
     }
 
-    /// The mapping of `gfn`, read from the tables; `None` if there is none, if `gfn` is out
-    /// of range, if teardown has started, or if the tables cannot be read (see
-    /// [`P2m::try_lookup`] to tell these apart).
+    /// The mapping of `gfn`; `None` if there is none, if `gfn` is out of range, if teardown
+    /// has started, or if the tables cannot be read (see [`P2m::try_lookup`] to tell these
+    /// apart). Answered from the entries and leaf tables earlier lookups found where it
+    /// can (kept coherent by every change this p2m makes; see `p2m/cache.rs`), else read
+    /// from the tables.
     #[inline]
     pub fn lookup<M: PhysMem<Maddr> + ?Sized>(&self, mem: &M, gfn: Gfn) -> Option<P2mEntry> {
-        self.try_lookup(mem, gfn).ok().flatten()
+        if self.dying {
+            return None;
+        }
+        let g = self.check_gfn(gfn).ok()?;
+        if let Some(e) = self.cache.entry(g) {
+            return Some(e);
+        }
+        let range = g >> self.format.index_bits;
+        let table = match self.cache.leaf(range) {
+            Some(table) => table,
+            None => match self.reach(mem, g).ok()? {
+                Reach::Leaf(table) => {
+                    self.cache.remember_leaf(range, table);
+                    table
+                }
+                Reach::Missing { .. } => return None,
+            },
+        };
+        let e = self
+            .read_leaf(mem, table, self.format.index(g, 1))
+            .ok()
+            .flatten()?;
+        self.cache.remember_entry(g, e);
+        Some(e)
     }
 
-    /// The mapping of `gfn`, read from the tables, or why the tables cannot answer.
+    /// The mapping of `gfn`, read from the tables (every level, nothing cached), or why
+    /// the tables cannot answer.
     pub fn try_lookup<M: PhysMem<Maddr> + ?Sized>(
         &self,
         mem: &M,
@@ -663,6 +694,7 @@ impl P2m {
     ) -> Result<Option<P2mEntry>, P2mError> {
         self.live()?;
         let g = self.check_gfn(gfn)?;
+        self.cache.forget_entry(g);
         if let Some(e) = entry {
             if e.mfn.raw() >= self.format.max_mfn() {
                 return Err(P2mError::MfnUnrepresentable { mfn: e.mfn });
@@ -787,6 +819,7 @@ impl P2m {
     ) -> Result<bool, P2mError> {
         self.live()?;
         let g = self.check_gfn(gfn)?;
+        self.cache.forget_entry(g);
         let Reach::Leaf(table) = self.reach(mem, g)? else {
             return Err(P2mError::NotMapped { gfn });
         };
@@ -857,6 +890,7 @@ impl P2m {
     pub fn teardown_step<M: MachineMemory + ?Sized>(&mut self, mem: &mut M, budget: usize) -> bool {
         self.dying = true;
         self.mapped = 0;
+        self.cache.clear();
         for _ in 0..budget.max(1) {
             match self.tables.pop_last() {
                 Some((mfn, _)) => mem.free_block(mfn, 0),

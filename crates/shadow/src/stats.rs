@@ -94,6 +94,9 @@ pub struct Stats {
     pub teardown_zeroed: u64,
     /// Pages unshadowed by the data-reuse teardown hint.
     pub teardown_data: u64,
+    /// Pages unshadowed before an emulated write overwrote all of them (a page-sized REP
+    /// STOS or REP MOVS chunk), instead of validating every entry and reaping after.
+    pub overwrite_unshadows: u64,
     /// TLB flushes requested of the host.
     pub flushes: u64,
     /// Pages marked dirty in log-dirty mode.
@@ -113,10 +116,11 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 46] {
+    pub fn fields(&self) -> [(&'static str, u64); 48] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
+            ("prefetched", self.prefetched),
             ("fault_propagated", self.fault_propagated),
             ("fault_emulate", self.fault_emulate),
             ("fault_mmio", self.fault_mmio),
@@ -163,6 +167,7 @@ impl Stats {
             ("early_unshadows", self.early_unshadows),
             ("teardown_zeroed", self.teardown_zeroed),
             ("teardown_data", self.teardown_data),
+            ("overwrite_unshadows", self.overwrite_unshadows),
             ("flushes", self.flushes),
             ("dirty_marked", self.dirty_marked),
             ("calls", self.calls),

@@ -26,6 +26,15 @@ use shadow2::paging::{
 };
 use shadow2_machine::memory::SparseMemory;
 
+pub mod walk;
+
+/// Guest frames of the domains of every case but the large clean.
+pub const SMALL_FRAMES: u64 = 1024;
+/// The pages the walk and fault cases cycle through: those of the first L1.
+pub const CYCLE: u64 = PER_L1;
+/// The access of every walk and fault: a user write.
+pub const USER_WRITE_ACCESS: Access = Access::new(AccessKind::Write, Privilege::User);
+
 /// The vcpu every benchmark runs on.
 pub const VCPU: usize = 0;
 /// The L4 of address space A.

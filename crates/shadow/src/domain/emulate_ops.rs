@@ -181,6 +181,9 @@ impl<H: MachineMemory> EmuMemory for VcpuMemory<'_, H> {
         for &(gpa, _) in &pieces {
             self.require_ram(gpa)?;
         }
+        if let Err(e) = self.d.unshadow_overwritten(&pieces) {
+            return Err(self.fail(e));
+        }
         if let Err(e) = self.d.write_guest_pieces(&pieces) {
             return Err(self.fail(e));
         }

@@ -15,6 +15,7 @@ mod limbo;
 pub(crate) mod marker;
 mod memory_ops;
 pub(crate) mod oos;
+mod overwrite;
 mod teardown;
 mod vcpu;
 

@@ -439,9 +439,10 @@ where
         {
             d.stats.fault_dirty_bit += 1;
         }
-        Self::fill(d, frames, v, va, &t.path, flavor, plan, current)?;
-        // The walk's A/D updates, validated into the shadows, may be what fixed the fault.
-        let changed = d.entries_written != written_before;
+        let prefetched = Self::fill(d, frames, v, va, &t.path, flavor, plan, current)?;
+        // The walk's A/D updates, validated into the shadows, may be what fixed the fault
+        // (entries prefetched next to it fix nothing for this access).
+        let changed = d.entries_written.wrapping_sub(prefetched) != written_before;
 
         if let Some(read_ec) = read_fault {
             // Still ambiguous: RAM was filled and the retry tells; MMIO cannot be retried,
@@ -581,7 +582,8 @@ where
     }
 
     /// Builds the shadows down to the leaf for `va` from a successful guest walk's path and
-    /// writes the leaf.
+    /// writes the leaf, then prefetches its neighbours. Returns the entries the prefetch
+    /// wrote.
     #[allow(clippy::too_many_arguments)]
     fn fill<H: MachineMemory>(
         d: &mut Domain<H>,
@@ -592,20 +594,22 @@ where
         flavor: Flavor,
         plan: Option<Plan>,
         current: bool,
-    ) -> Result<(), EngineError> {
+    ) -> Result<u64, EngineError> {
         let leaf = match plan {
             Some(plan) => Some(Self::follow(d, va, &plan, flavor)?),
             None => Self::descend(d, frames, v, va, path, flavor, true)?,
         };
         let Some(leaf) = leaf else {
-            return Ok(());
+            return Ok(0);
         };
-        let new = match leaf.superpage {
+        match leaf.superpage {
             Some((pde, gfn)) => {
                 let pkey = Self::splinter_pkey(pde);
                 let new = Self::fl1_sentry(d, frames, pde, gfn, pkey)?;
                 d.set_sentry(leaf.slot, new)?;
-                return Self::prefetch_splinter(d, frames, va, pde, gfn, pkey, leaf.slot);
+                let before = d.entries_written;
+                Self::prefetch_splinter(d, frames, va, pde, gfn, pkey, leaf.slot)?;
+                Ok(d.entries_written.wrapping_sub(before))
             }
             None => {
                 let entry = path
@@ -617,10 +621,13 @@ where
                 } else {
                     Self::read_gentry(d, frames, entry.addr).unwrap_or(0)
                 };
-                Self::leaf_sentry(d, frames, gl1e, flavor)?
+                let new = Self::leaf_sentry(d, frames, gl1e, flavor)?;
+                d.set_sentry(leaf.slot, new)?;
+                let before = d.entries_written;
+                Self::prefetch_leaves(d, frames, va, entry.addr, leaf.slot, flavor)?;
+                Ok(d.entries_written.wrapping_sub(before))
             }
-        };
-        d.set_sentry(leaf.slot, new)
+        }
     }
 
     /// Fills the empty splinter entries after the one a fill through guest superpage `pde`

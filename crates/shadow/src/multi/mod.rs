@@ -13,6 +13,7 @@ mod cr3;
 mod engine;
 mod fault;
 mod oos;
+mod prefetch;
 mod validate;
 
 use core::marker::PhantomData;

@@ -1149,3 +1149,76 @@ proptest! {
         teardown(p2m, &mut mem, teardown_budget);
     }
 }
+
+/// A lookup answered from the cache sees every change: a remap, a write-permission change,
+/// a removal and a re-mapping, each right after the entry was cached (fails if any
+/// mutator stops forgetting the frame it changes).
+#[test]
+fn p2m_cached_lookup_sees_every_change() {
+    for levels in FORMATS {
+        let (mut p2m, mut mem) = new_p2m(levels, 64);
+        let g = Gfn::new(9);
+        p2m.set(&mut mem, g, ram(DATA)).unwrap();
+        assert_eq!(p2m.lookup(&mem, g), Some(P2mEntry::ram(Mfn::new(DATA))));
+        // Cached now: a second lookup agrees without reading anything new.
+        assert_eq!(p2m.lookup(&mem, g), Some(P2mEntry::ram(Mfn::new(DATA))));
+        p2m.set(&mut mem, g, ram(DATA + 1)).unwrap();
+        assert_eq!(p2m.lookup(&mem, g), Some(P2mEntry::ram(Mfn::new(DATA + 1))));
+        assert!(p2m.set_writable(&mut mem, g, false).unwrap());
+        assert_eq!(
+            p2m.lookup(&mem, g),
+            Some(P2mEntry::ram(Mfn::new(DATA + 1)).with_writable(false))
+        );
+        assert!(p2m.set_writable(&mut mem, g, true).unwrap());
+        assert_eq!(p2m.lookup(&mem, g).map(|e| e.writable), Some(true));
+        p2m.set(&mut mem, g, mmio(DATA + 2)).unwrap();
+        assert_eq!(p2m.lookup(&mem, g).map(|e| e.ty), Some(P2mType::Mmio));
+        p2m.set(&mut mem, g, None).unwrap();
+        assert_eq!(p2m.lookup(&mem, g), None);
+        p2m.set(&mut mem, g, ram(DATA + 3)).unwrap();
+        assert_eq!(p2m.lookup(&mem, g), Some(P2mEntry::ram(Mfn::new(DATA + 3))));
+        // A failed change (an unrepresentable frame) leaves the entry as it was.
+        let too_big = p2m.max_mfn().raw();
+        assert!(p2m.set(&mut mem, g, ram(too_big)).is_err());
+        assert_eq!(p2m.lookup(&mem, g), Some(P2mEntry::ram(Mfn::new(DATA + 3))));
+        p2m.check(&mem).unwrap();
+        // Teardown forgets everything: nothing is answered from the cache afterwards.
+        assert!(!p2m.teardown_step(&mut mem, 1) || p2m.table_count() == 0);
+        assert_eq!(p2m.lookup(&mem, g), None);
+        while !p2m.teardown_step(&mut mem, 4) {}
+        assert_eq!(mem.outstanding_frames(), 0);
+    }
+}
+
+/// Many frames sharing cache slots, remapped in rounds: every lookup agrees with a model
+/// and with the uncached walk of the tables.
+#[test]
+fn p2m_cached_lookups_agree_with_the_tables_under_collisions() {
+    for levels in FORMATS {
+        let (mut p2m, mut mem) = new_p2m(levels, 256);
+        let mut model = BTreeMap::new();
+        let gfns: Vec<u64> = (0..1500u64).map(|i| (i * 37) % 4096).collect();
+        for round in 0..4u64 {
+            for (i, &g) in gfns.iter().enumerate() {
+                if (i as u64 + round).is_multiple_of(3) {
+                    p2m.set(&mut mem, Gfn::new(g), None).unwrap();
+                    model.remove(&g);
+                } else {
+                    let e = P2mEntry::ram(Mfn::new(DATA + g + round))
+                        .with_writable((g + round).is_multiple_of(2));
+                    p2m.set_entry(&mut mem, Gfn::new(g), Some(e)).unwrap();
+                    model.insert(g, e);
+                }
+            }
+            for _ in 0..2 {
+                for &g in &gfns {
+                    let got = p2m.lookup(&mem, Gfn::new(g));
+                    assert_eq!(got, model.get(&g).copied(), "{levels:?} gfn {g}");
+                    assert_eq!(Ok(got), p2m.try_lookup(&mem, Gfn::new(g)));
+                }
+            }
+        }
+        p2m.check(&mem).unwrap();
+        teardown(p2m, &mut mem, 8);
+    }
+}
