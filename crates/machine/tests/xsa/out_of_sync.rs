@@ -31,9 +31,14 @@ impl Oos {
     /// A guest with out-of-sync shadows (bound `max`) running `cr3` on every vcpu, the L1
     /// of `DATA_VA` shadowed and mapped writable at `WINDOW`.
     fn new(pair: Pair, vcpus: usize, max: usize) -> Oos {
+        Oos::with_fast_path(pair, vcpus, max, true)
+    }
+
+    fn with_fast_path(pair: Pair, vcpus: usize, max: usize, fast_path: bool) -> Oos {
         let config = DomainConfig {
             out_of_sync: true,
             max_out_of_sync: max,
+            fast_path,
             ..hvm(pair.shadow(), vcpus, 128)
         };
         let mut x = Xsa::with_config(pair, config);
@@ -140,6 +145,32 @@ fn issue12_a_written_l1_goes_out_of_sync_and_invlpg_syncs_its_entry() {
         o.set_pte(0, DATA_VA + 0x2000, 0);
         o.invlpg(0, DATA_VA + 0x2000);
         assert!(o.x.read(0, DATA_VA + 0x2000).is_err(), "{pair:?}");
+    }
+}
+
+#[test]
+fn issue12_nothing_is_prefetched_from_an_out_of_sync_page() {
+    // Without the fast path's markers the entries after a fill are empty, so a fill through
+    // the page would prefetch them from the guest's page as it is now, not from the
+    // snapshot the next resync compares against: an entry the guest then sets back to its
+    // snapshot value would never be resynced.
+    for pair in PAGING_PAIRS {
+        let mut o = Oos::with_fast_path(pair, 1, 8, false);
+        o.set_pte(0, DATA_VA + 0x1000, data(DATA_GFN + 1));
+        assert!(o.l1_out_of_sync(), "{pair:?}");
+        o.set_pte(0, DATA_VA + 0x2000, data(DATA_GFN + 2));
+        assert_eq!(
+            o.x.read(0, DATA_VA + 0x1000).unwrap(),
+            marker(1),
+            "{pair:?}"
+        );
+        o.set_pte(0, DATA_VA + 0x2000, 0);
+        let cr3 = o.cr3;
+        o.x.cr3(0, cr3).unwrap();
+        assert!(
+            o.x.read(0, DATA_VA + 0x2000).is_err(),
+            "{pair:?}: a prefetched entry outlived its guest entry"
+        );
     }
 }
 

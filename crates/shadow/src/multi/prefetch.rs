@@ -37,6 +37,11 @@ where
         slot: Maddr,
         flavor: Flavor,
     ) -> Result<(), EngineError> {
+        // An out-of-sync table's other entries may differ from its snapshot, which its
+        // shadows must follow until the next resync compares against it.
+        if Self::l1_out_of_sync(d, frames, gl1e) {
+            return Ok(());
+        }
         let first = Self::soffset(1, va.raw());
         let Some(base) = slot.raw().checked_sub(first) else {
             return Err(EngineError::Internal("a leaf slot below its shadow"));
