@@ -7,6 +7,7 @@ pub mod backend;
 pub mod churn;
 pub mod cpu;
 pub mod fuzz;
+mod fx;
 pub mod hw_walk;
 pub mod matrix;
 pub mod memory;

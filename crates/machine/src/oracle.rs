@@ -98,7 +98,18 @@ pub fn expect<H: MachineMemory>(
     va: Gva,
     access: Access,
 ) -> Expected {
-    match guest_walk(domain, ctl, va, access) {
+    expect_from_walk(domain, ctl, access, &guest_walk(domain, ctl, va, access))
+}
+
+/// What `access` must do, given the guest's walk of its address ([`guest_walk`] with the
+/// same `ctl` and `access`, on the domain as it is now).
+pub fn expect_from_walk<H: MachineMemory>(
+    domain: &Domain<H>,
+    ctl: &ControlState,
+    access: Access,
+    walk: &WalkResult<Gpa>,
+) -> Expected {
+    match walk {
         Ok(t) => match domain.guest_frame(t.frame) {
             // With guest refcounts (PV), page-table pages are read-only to the guest.
             Some((mfn, P2mType::Ram))
@@ -134,7 +145,17 @@ pub fn check_accessed_dirty<H: MachineMemory>(
     va: Gva,
     access: Access,
 ) -> Option<&'static str> {
-    let Ok(t) = guest_walk(domain, ctl, va, access) else {
+    accessed_dirty_from_walk(ctl, access, &guest_walk(domain, ctl, va, access))
+}
+
+/// [`check_accessed_dirty`] given the guest's walk of the address ([`guest_walk`] with the
+/// same `ctl` and `access`, on the domain as it is after the access).
+pub fn accessed_dirty_from_walk(
+    ctl: &ControlState,
+    access: Access,
+    walk: &WalkResult<Gpa>,
+) -> Option<&'static str> {
+    let Ok(t) = walk else {
         return Some("the guest walk fails after a successful access");
     };
     let pae = ctl.levels() == shadow2::paging::PagingLevels::Three;

@@ -21,10 +21,12 @@ use shadow2::flush::Flush;
 use shadow2::host::MachineMemory;
 use shadow2::multi::FaultOutcome;
 use shadow2::p2m::P2mType;
-use shadow2::paging::{Access, AccessKind, ControlState, PagingLevels, PfErrorCode, Privilege};
+use shadow2::paging::{
+    Access, AccessKind, ControlState, PagingLevels, PfErrorCode, Privilege, WalkResult,
+};
 
 use crate::cpu::{Cpu, CpuFault};
-use crate::memory::{SparseMemory, copy_from_phys, copy_to_phys};
+use crate::memory::SparseMemory;
 use crate::oracle::{self, Expected, HOST_FEATURES};
 
 /// Traps taken, by kind: each is one exit from the guest to the hypervisor.
@@ -430,7 +432,9 @@ impl ShadowMachine {
                 "a load was emulated",
             )));
         };
-        copy_from_phys(self.domain.host(), addr, buf)
+        self.domain
+            .host()
+            .read_bytes(addr, buf)
             .map_err(|_| GuestError::Engine(EngineError::Internal("load of unbacked memory")))
     }
 
@@ -444,8 +448,11 @@ impl ShadowMachine {
     ) -> Result<(), GuestError> {
         let access = Access::new(AccessKind::Write, privilege);
         match self.access(v, va, access, Some(data)) {
-            Ok(Reached::At(addr)) => copy_to_phys(self.domain.host_mut(), addr, data)
-                .map_err(|_| GuestError::Engine(EngineError::Internal("write to unbacked memory"))),
+            Ok(Reached::At(addr)) => {
+                self.domain.host_mut().write_bytes(addr, data).map_err(|_| {
+                    GuestError::Engine(EngineError::Internal("write to unbacked memory"))
+                })
+            }
             Ok(Reached::Emulated) => Ok(()),
             Ok(Reached::NeedsEmulation(_)) => Err(GuestError::Engine(EngineError::Internal(
                 "a data write asked for instruction emulation",
@@ -466,10 +473,15 @@ impl ShadowMachine {
     ) -> Result<Reached, GuestError> {
         self.accesses += 1;
         let ctl = self.guest_control(v);
-        let expected = oracle::expect(&self.domain, &ctl, va, access);
+        let walk = oracle::guest_walk(&self.domain, &ctl, va, access);
+        let expected = oracle::expect_from_walk(&self.domain, &ctl, access, &walk);
+        // The walk holds for the rest of the access while nothing but the hardware's own
+        // translation has run (no engine call) and memory reads as it did.
+        let mut walk_holds_at = Some(self.domain.host().changes());
         let in_hole = self.domain.config().in_hole(va);
         for _ in 0..MAX_ROUNDS {
             if self.domain.rootless().contains(v) {
+                walk_holds_at = None;
                 self.restore_roots();
                 if self.domain.rootless().contains(v) {
                     return Err(GuestError::Engine(EngineError::Internal(
@@ -495,9 +507,21 @@ impl ShadowMachine {
                             ),
                         );
                     }
-                    self.check_ad(v, va, access, &ctl);
-                    if access.is_write() {
-                        self.note_written(&ctl, va, access);
+                    if !in_hole || access.is_write() {
+                        let unchanged = walk_holds_at == Some(self.domain.host().changes());
+                        let after = if unchanged {
+                            walk
+                        } else {
+                            oracle::guest_walk(&self.domain, &ctl, va, access)
+                        };
+                        if !in_hole {
+                            self.check_ad_of(v, va, access, &ctl, &after);
+                        }
+                        if access.is_write()
+                            && let Ok(t) = after
+                        {
+                            self.written.insert(t.frame);
+                        }
                     }
                     return Ok(Reached::At(t.addr));
                 }
@@ -531,6 +555,7 @@ impl ShadowMachine {
                     } else {
                         code
                     };
+                    walk_holds_at = None;
                     let (outcome, flush) = self
                         .call(|d| d.page_fault(v, va, code))
                         .map_err(GuestError::Engine)?;
@@ -632,7 +657,20 @@ impl ShadowMachine {
         if self.domain.config().in_hole(va) {
             return;
         }
-        if let Some(what) = oracle::check_accessed_dirty(&self.domain, ctl, va, access) {
+        let walk = oracle::guest_walk(&self.domain, ctl, va, access);
+        self.check_ad_of(v, va, access, ctl, &walk);
+    }
+
+    /// [`Self::check_ad`] given the guest's walk of `va` as the domain is now.
+    fn check_ad_of(
+        &mut self,
+        v: usize,
+        va: Gva,
+        access: Access,
+        ctl: &ControlState,
+        walk: &WalkResult<Gpa>,
+    ) {
+        if let Some(what) = oracle::accessed_dirty_from_walk(ctl, access, walk) {
             self.mismatch(v, va, access, what.into());
         }
     }
@@ -726,7 +764,10 @@ impl HwMemory<'_> {
         let mut done = 0;
         for (at, n) in page_pieces(va, buf.len()) {
             let addr = self.translate(at, kind)?;
-            copy_from_phys(self.m.domain.host(), addr, &mut buf[done..done + n])
+            self.m
+                .domain
+                .host()
+                .read_bytes(addr, &mut buf[done..done + n])
                 .map_err(|_| EmuFault::GeneralProtection)?;
             done += n;
         }
@@ -745,13 +786,24 @@ impl EmuMemory for HwMemory<'_> {
         self.load(va, buf, AccessKind::Write)
     }
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
-        let mut targets = Vec::new();
-        for (at, n) in page_pieces(va, data.len()) {
-            targets.push((self.translate(at, AccessKind::Write)?, n));
+        // Every page is translated before any byte is written. The emulator's writes span
+        // at most two pages: those need no allocation.
+        let mut few = [(Maddr::new(0), 0); 2];
+        let mut more = Vec::new();
+        for (i, (at, n)) in page_pieces(va, data.len()).enumerate() {
+            let target = (self.translate(at, AccessKind::Write)?, n);
+            match few.get_mut(i) {
+                Some(slot) => *slot = target,
+                None => more.push(target),
+            }
         }
+        let pieces = page_pieces(va, data.len()).count().min(few.len());
         let mut done = 0;
-        for (addr, n) in targets {
-            copy_to_phys(self.m.domain.host_mut(), addr, &data[done..done + n])
+        for &(addr, n) in few[..pieces].iter().chain(&more) {
+            self.m
+                .domain
+                .host_mut()
+                .write_bytes(addr, &data[done..done + n])
                 .map_err(|_| EmuFault::GeneralProtection)?;
             done += n;
         }
