@@ -12,6 +12,7 @@ pub mod hw_walk;
 pub mod matrix;
 pub mod memory;
 pub mod oracle;
+pub mod p2m_memo;
 pub mod psc;
 pub mod sim;
 pub mod tlb;

@@ -67,6 +67,9 @@ pub struct SparseMemory {
     alloc: FrameAllocator,
     /// Changes made to the contents so far (see [`SparseMemory::changes`]).
     changes: u64,
+    /// Frames whose changes are also counted in `watched_changes` ([`SparseMemory::watch`]).
+    watched: FxHashMap<u64, ()>,
+    watched_changes: u64,
 }
 
 impl fmt::Debug for SparseMemory {
@@ -91,6 +94,8 @@ impl SparseMemory {
             data: FrameMap::default(),
             alloc: FrameAllocator::new(frames),
             changes: 0,
+            watched: FxHashMap::default(),
+            watched_changes: 0,
         }
     }
 
@@ -173,6 +178,27 @@ impl SparseMemory {
         self.changes
     }
 
+    /// Watches frame `mfn` (populated or not, for good): from now on every change to its
+    /// contents is also counted by [`SparseMemory::watched_changes`]. Watching changes
+    /// nothing in memory.
+    pub fn watch(&mut self, mfn: Mfn) {
+        self.watched.insert(mfn.raw(), ());
+    }
+
+    /// A count that grows with every change to the contents of a watched frame: while it
+    /// stays the same, every watched frame reads as it did.
+    pub fn watched_changes(&self) -> u64 {
+        self.watched_changes
+    }
+
+    /// Counts a change to the contents of frame `mfn`.
+    fn changed(&mut self, mfn: u64) {
+        self.changes += 1;
+        if self.watched.contains_key(&mfn) {
+            self.watched_changes += 1;
+        }
+    }
+
     /// Reads `buf.len()` bytes starting at `addr`; the range may cross frames. Same result
     /// as [`copy_from_phys`], one frame lookup per frame instead of one per word.
     pub fn read_bytes(&self, addr: Maddr, buf: &mut [u8]) -> Result<(), MemError> {
@@ -240,17 +266,24 @@ impl SparseMemory {
         while done < bytes.len() {
             let at = offset + done;
             let (index, skip) = (at / 8, at % 8);
-            let n = (8 - skip).min(bytes.len() - done);
             let old = frame[index];
-            let mut word = old.to_le_bytes();
-            word[skip..skip + n].copy_from_slice(&bytes[done..done + n]);
-            let new = u64::from_le_bytes(word);
+            let new = if skip == 0
+                && let Some(whole) = bytes.get(done..done + 8)
+            {
+                done += 8;
+                u64::from_le_bytes(whole.try_into().unwrap_or_default())
+            } else {
+                let n = (8 - skip).min(bytes.len() - done);
+                let mut word = old.to_le_bytes();
+                word[skip..skip + n].copy_from_slice(&bytes[done..done + n]);
+                done += n;
+                u64::from_le_bytes(word)
+            };
             frame[index] = new;
             changed |= new != old;
-            done += n;
         }
         if changed {
-            self.changes += 1;
+            self.changed(mfn);
         }
     }
 
@@ -276,7 +309,7 @@ impl SparseMemory {
             Some(frame) if frame[index] == value => {}
             Some(frame) => {
                 frame[index] = value;
-                self.changes += 1;
+                self.changed(mfn);
             }
             // An untouched frame already reads as zero: storing a zero would cost a frame
             // of host memory for nothing.
@@ -285,7 +318,7 @@ impl SparseMemory {
                 let mut frame: FrameData = Box::new([0; WORDS_PER_FRAME]);
                 frame[index] = value;
                 self.data.insert(mfn, frame);
-                self.changes += 1;
+                self.changed(mfn);
             }
         }
     }
@@ -293,16 +326,20 @@ impl SparseMemory {
     /// Drops the storage of `count` frames from `first`, which zero-fills them.
     fn depopulate(&mut self, first: u64, count: u64) {
         let end = first.saturating_add(count);
-        let before = self.data.len();
+        let mut removed = Vec::new();
         if !usize::try_from(count).is_ok_and(|c| c < self.data.len()) {
-            self.data.retain(|&mfn, _| mfn < first || mfn >= end);
+            self.data.retain(|&mfn, _| {
+                let keep = mfn < first || mfn >= end;
+                if !keep {
+                    removed.push(mfn);
+                }
+                keep
+            });
         } else {
-            for mfn in first..end {
-                self.data.remove(&mfn);
-            }
+            removed.extend((first..end).filter(|mfn| self.data.remove(mfn).is_some()));
         }
-        if self.data.len() != before {
-            self.changes += 1;
+        for mfn in removed {
+            self.changed(mfn);
         }
     }
 }
@@ -385,7 +422,7 @@ impl MachineMemory for SparseMemory {
             });
         }
         if self.data.remove(&mfn.raw()).is_some() {
-            self.changes += 1;
+            self.changed(mfn.raw());
         }
         Ok(())
     }
@@ -397,9 +434,17 @@ fn frame_bytes(frame: &[u64; WORDS_PER_FRAME], offset: usize, out: &mut [u8]) {
     while done < out.len() {
         let at = offset + done;
         let (index, skip) = (at / 8, at % 8);
-        let n = (8 - skip).min(out.len() - done);
-        out[done..done + n].copy_from_slice(&frame[index].to_le_bytes()[skip..skip + n]);
-        done += n;
+        let word = frame[index].to_le_bytes();
+        if skip == 0
+            && let Some(whole) = out.get_mut(done..done + 8)
+        {
+            whole.copy_from_slice(&word);
+            done += 8;
+        } else {
+            let n = (8 - skip).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&word[skip..skip + n]);
+            done += n;
+        }
     }
 }
 
@@ -998,6 +1043,39 @@ mod tests {
         assert_eq!(block, Mfn::new(3));
         assert!(changed(&mem));
         assert_eq!(mem.read_u64(ma(0x3000)), Ok(0));
+    }
+
+    #[test]
+    fn only_changes_to_watched_frames_are_counted_as_watched() {
+        let mut mem = SparseMemory::new(8);
+        mem.watch(Mfn::new(2));
+        mem.watch(Mfn::new(3));
+        let mut last = mem.watched_changes();
+        let mut changed = |mem: &SparseMemory| {
+            let now = mem.watched_changes();
+            let grew = now != last;
+            last = now;
+            grew
+        };
+        mem.write_u64(ma(0x1000), 5).unwrap();
+        mem.write_bytes(ma(0x4000), &[1; 64]).unwrap();
+        assert!(!changed(&mem), "frames 1 and 4 are not watched");
+        mem.write_u64(ma(0x2000), 0).unwrap();
+        assert!(
+            !changed(&mem),
+            "a zero on an untouched frame changes nothing"
+        );
+        mem.write_u64(ma(0x2008), 1).unwrap();
+        assert!(changed(&mem), "populating a watched frame");
+        mem.write_u32(ma(0x200c), 9).unwrap();
+        assert!(changed(&mem));
+        mem.write_bytes(ma(0x2ffe), &[7, 7, 7, 7]).unwrap();
+        assert!(changed(&mem), "a range ending in a watched frame");
+        mem.zero_frame(Mfn::new(2)).unwrap();
+        assert!(changed(&mem));
+        mem.reserve(Mfn::new(0), 3).unwrap();
+        assert_eq!(mem.alloc_block(0), Some(Mfn::new(3)));
+        assert!(changed(&mem), "handing out a watched frame zero-fills it");
     }
 
     #[test]

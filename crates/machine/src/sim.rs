@@ -28,6 +28,7 @@ use shadow2::paging::{
 use crate::cpu::{Cpu, CpuFault};
 use crate::memory::SparseMemory;
 use crate::oracle::{self, Expected, HOST_FEATURES};
+use crate::p2m_memo::P2mMemo;
 
 /// Traps taken, by kind: each is one exit from the guest to the hypervisor.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -116,6 +117,8 @@ pub struct ShadowMachine {
     written: BTreeSet<Gfn>,
     /// Time spent inside the engine on the access and trap paths.
     engine_time: Duration,
+    /// The p2m's answers to the oracle's walks.
+    p2m_memo: P2mMemo,
 }
 
 /// Runs `f` (a call into the engine), adding its wall-clock time to `total`.
@@ -148,6 +151,7 @@ impl ShadowMachine {
             mismatch_count: 0,
             written: BTreeSet::new(),
             engine_time: Duration::ZERO,
+            p2m_memo: P2mMemo::default(),
         })
     }
 
@@ -473,8 +477,8 @@ impl ShadowMachine {
     ) -> Result<Reached, GuestError> {
         self.accesses += 1;
         let ctl = self.guest_control(v);
-        let walk = oracle::guest_walk(&self.domain, &ctl, va, access);
-        let expected = oracle::expect_from_walk(&self.domain, &ctl, access, &walk);
+        let walk = self.oracle_walk(&ctl, va, access);
+        let expected = oracle::expect_from_walk(&self.domain, &self.p2m_memo, &ctl, access, &walk);
         // The walk holds for the rest of the access while nothing but the hardware's own
         // translation has run (no engine call) and memory reads as it did.
         let mut walk_holds_at = Some(self.domain.host().changes());
@@ -512,7 +516,7 @@ impl ShadowMachine {
                         let after = if unchanged {
                             walk
                         } else {
-                            oracle::guest_walk(&self.domain, &ctl, va, access)
+                            self.oracle_walk(&ctl, va, access)
                         };
                         if !in_hole {
                             self.check_ad_of(v, va, access, &ctl, &after);
@@ -644,6 +648,12 @@ impl ShadowMachine {
         self.settle(flush);
         self.written.insert(gpa.gfn());
         Ok(Reached::Emulated)
+    }
+
+    /// The guest's own walk of `va` (the oracle's), as the domain is now.
+    fn oracle_walk(&mut self, ctl: &ControlState, va: Gva, access: Access) -> WalkResult<Gpa> {
+        self.p2m_memo.refresh(&mut self.domain);
+        oracle::guest_walk_with(&self.domain, &self.p2m_memo, ctl, va, access)
     }
 
     /// Notes the guest frame a write at `va` reaches through the guest's tables.
@@ -786,20 +796,9 @@ impl EmuMemory for HwMemory<'_> {
         self.load(va, buf, AccessKind::Write)
     }
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
-        // Every page is translated before any byte is written. The emulator's writes span
-        // at most two pages: those need no allocation.
-        let mut few = [(Maddr::new(0), 0); 2];
-        let mut more = Vec::new();
-        for (i, (at, n)) in page_pieces(va, data.len()).enumerate() {
-            let target = (self.translate(at, AccessKind::Write)?, n);
-            match few.get_mut(i) {
-                Some(slot) => *slot = target,
-                None => more.push(target),
-            }
-        }
-        let pieces = page_pieces(va, data.len()).count().min(few.len());
+        let targets = self.translate_for_write(va, data.len())?;
         let mut done = 0;
-        for &(addr, n) in few[..pieces].iter().chain(&more) {
+        for &(addr, n) in targets.pieces() {
             self.m
                 .domain
                 .host_mut()
@@ -809,14 +808,78 @@ impl EmuMemory for HwMemory<'_> {
         }
         Ok(())
     }
-    // Single-threaded: nothing writes between the read and the write.
+    // Single-threaded: nothing writes between the read and the write. One translation for
+    // write of each page serves both, as one locked access of the hardware.
     fn compare_exchange(
         &mut self,
         va: u64,
         current: &[u8],
         new: &[u8],
     ) -> Result<AtomicUpdate, EmuFault> {
-        serial_compare_exchange(self, va, current, new)
+        if new.len() != current.len() {
+            return serial_compare_exchange(self, va, current, new);
+        }
+        let mut buf = [0u8; 16];
+        let Some(actual) = buf.get_mut(..current.len()) else {
+            return Ok(AtomicUpdate::Unsupported);
+        };
+        let targets = self.translate_for_write(va, current.len())?;
+        let mut done = 0;
+        for &(addr, n) in targets.pieces() {
+            self.m
+                .domain
+                .host()
+                .read_bytes(addr, &mut actual[done..done + n])
+                .map_err(|_| EmuFault::GeneralProtection)?;
+            done += n;
+        }
+        if actual != current {
+            return Ok(AtomicUpdate::Lost);
+        }
+        let mut done = 0;
+        for &(addr, n) in targets.pieces() {
+            self.m
+                .domain
+                .host_mut()
+                .write_bytes(addr, &new[done..done + n])
+                .map_err(|_| EmuFault::GeneralProtection)?;
+            done += n;
+        }
+        Ok(AtomicUpdate::Written)
+    }
+}
+
+/// Where the pages of one write landed, in order: (machine address, length).
+struct WriteTargets {
+    /// The emulator's writes span at most two pages: those need no allocation.
+    few: [(Maddr, usize); 2],
+    count: usize,
+    more: Vec<(Maddr, usize)>,
+}
+
+impl WriteTargets {
+    fn pieces(&self) -> impl Iterator<Item = &(Maddr, usize)> {
+        self.few[..self.count.min(2)].iter().chain(&self.more)
+    }
+}
+
+impl HwMemory<'_> {
+    /// Translates every page of `va .. va + len` for a write before any byte is written.
+    fn translate_for_write(&mut self, va: u64, len: usize) -> Result<WriteTargets, EmuFault> {
+        let mut targets = WriteTargets {
+            few: [(Maddr::new(0), 0); 2],
+            count: 0,
+            more: Vec::new(),
+        };
+        for (at, n) in page_pieces(va, len) {
+            let target = (self.translate(at, AccessKind::Write)?, n);
+            match targets.few.get_mut(targets.count) {
+                Some(slot) => *slot = target,
+                None => targets.more.push(target),
+            }
+            targets.count += 1;
+        }
+        Ok(targets)
     }
 }
 
