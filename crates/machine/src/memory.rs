@@ -288,6 +288,7 @@ impl SparseMemory {
     }
 
     /// The frame and word index of a naturally aligned `size`-byte access at `addr`.
+    #[inline]
     fn locate(&self, addr: Maddr, size: u64) -> Result<(u64, usize), MemError> {
         let raw = addr.raw();
         if !raw.is_multiple_of(size) {
@@ -300,6 +301,7 @@ impl SparseMemory {
         Ok((mfn, (addr.offset() / 8) as usize))
     }
 
+    #[inline]
     fn word(&self, mfn: u64, index: usize) -> u64 {
         self.data.get(&mfn).map_or(0, |frame| frame[index])
     }
@@ -349,12 +351,16 @@ fn half_shift(raw: u64) -> u32 {
     if raw & 4 == 0 { 0 } else { 32 }
 }
 
+// Every walk and every guest-physical copy reads through these: inlined into the engine's
+// generic code, a read is a frame lookup and an index.
 impl PhysMem<Maddr> for SparseMemory {
+    #[inline]
     fn read_u32(&self, addr: Maddr) -> Result<u32, MemError> {
         let (mfn, index) = self.locate(addr, 4)?;
         Ok((self.word(mfn, index) >> half_shift(addr.raw())) as u32)
     }
 
+    #[inline]
     fn read_u64(&self, addr: Maddr) -> Result<u64, MemError> {
         let (mfn, index) = self.locate(addr, 8)?;
         Ok(self.word(mfn, index))
