@@ -69,6 +69,7 @@ fn run_kvm(
     let mut sim_result =
         simrun::result_of(spec, "sim", &on_sim.counters, &sim_report, Instant::now());
     sim_result.wall_s = on_sim.wall_s;
+    sim_result.fill_ratios();
     result.differences = Some(Differences {
         vs_sim: Some(vs_sim.count()),
         vs_native: vs_native.as_ref().ok().map(Comparison::count),

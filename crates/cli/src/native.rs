@@ -137,6 +137,7 @@ pub fn run(probe: &Probe, spec: &RunSpec, pool: usize, json: bool) -> Result<Exi
         std::time::Instant::now(),
     );
     sim_result.wall_s = on_sim.wall_s;
+    sim_result.fill_ratios();
     let mut problems = Vec::new();
     problems.extend(vs_sim.describe("the simulator"));
     problems.extend(simrun::problems(&sim_result, &sim_report));

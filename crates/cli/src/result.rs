@@ -114,6 +114,9 @@ pub struct RunResult {
     /// Seconds of wall-clock time for the whole run.
     #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
     pub wall_s: f64,
+    /// Guest operations per second of wall-clock time: how fast the backend runs guests.
+    #[serde(serialize_with = "finite", deserialize_with = "finite_or_zero")]
+    pub guest_ops_per_s: f64,
     /// The digest of the guest's final state, in hex.
     pub digest: String,
     /// Pool pages in use over the run: (guest operations so far, pool pages in use).
@@ -249,7 +252,8 @@ impl RunResult {
     }
 
     /// Fills `traps["total"]` (if missing) and the ratios from the counts:
-    /// `traps_per_op`, `traps_per_demand_fault`, `traps_per_step`, `engine_us_per_trap`.
+    /// `traps_per_op`, `traps_per_demand_fault`, `traps_per_step`, `engine_us_per_trap`,
+    /// `guest_ops_per_s` (call again after changing `wall_s`).
     #[allow(dead_code, reason = "for shadow2 run and bench")]
     pub fn fill_ratios(&mut self) {
         let total = self.total_traps();
@@ -266,6 +270,7 @@ impl RunResult {
             .map(|t| ratio(t as f64, self.cow_faults as f64));
         self.traps_per_step = ratio(total, self.workload_steps as f64);
         self.engine_us_per_trap = ratio(self.engine_s * 1e6, total);
+        self.guest_ops_per_s = ratio(self.guest_ops as f64, self.wall_s);
     }
 
     /// The trap kinds present, in table order: [`TRAP_KINDS`], then others by name; no total.
@@ -367,7 +372,10 @@ impl RunResult {
             ),
             (
                 "wall time".into(),
-                V::Num(fmt_secs(self.wall_s), String::new()),
+                V::Num(
+                    fmt_secs(self.wall_s),
+                    format!("{} guest ops/s", self.guest_ops_per_s.round()),
+                ),
             ),
         ]);
         if !self.digest.is_empty() {
@@ -545,6 +553,7 @@ mod tests {
         assert!((r.traps_per_demand_fault - 4.0).abs() < 1e-12);
         assert!((r.traps_per_step - 10_000.0 / 64.0).abs() < 1e-9);
         assert!((r.engine_us_per_trap - 5.0).abs() < 1e-9);
+        assert!((r.guest_ops_per_s - 20_000.0 / 1.5).abs() < 1e-6);
         assert_eq!(r.traps_per_cow_fault, None);
     }
 
@@ -584,6 +593,7 @@ mod tests {
             "5.000 µs/trap",
             "0.050000 s",
             "1.500 s",
+            "13333 guest ops/s",
             "00ff10ab",
         ] {
             assert!(t.contains(needle), "{needle:?} missing from\n{t}");
@@ -611,6 +621,7 @@ mod tests {
         assert_eq!(r.traps_per_demand_fault, 0.0);
         assert_eq!(r.traps_per_step, 0.0);
         assert_eq!(r.engine_us_per_trap, 0.0);
+        assert_eq!(r.guest_ops_per_s, 0.0);
         // Even a NaN set by hand is written as a number.
         r.traps_per_op = f64::NAN;
         r.wall_s = f64::INFINITY;
@@ -655,6 +666,7 @@ mod tests {
             "engine_s",
             "engine_us_per_trap",
             "wall_s",
+            "guest_ops_per_s",
             "digest",
             "pool_series",
         ];

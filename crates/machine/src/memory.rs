@@ -4,15 +4,17 @@
 //! Only frames that were written to hold storage, so a machine of 1 TiB (or the whole 52-bit
 //! space) with a few thousand frames in use costs a few thousand frames of host memory.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use shadow2::addr::{Gfn, Gpa, Maddr, Mfn, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
 use shadow2::host::{MachineMemory, serial_compare_exchange_u128};
 use shadow2::paging::{
     Exchange, MemError, PhysMem, serial_compare_exchange_u32, serial_compare_exchange_u64,
 };
+
+use crate::fx::FxHashMap;
 
 /// 8-byte words per 4 KiB frame.
 const WORDS_PER_FRAME: usize = 512;
@@ -27,34 +29,8 @@ pub const MAX_FRAMES: u64 = 1 << MAX_ORDER;
 /// The storage of one populated frame.
 type FrameData = Box<[u64; WORDS_PER_FRAME]>;
 
-/// A multiplicative (FxHash-style) hasher for frame numbers. Every guest and shadow walk
-/// reads through the frame map, and SipHash cost more than the rest of a read together;
-/// the keys are frame numbers the simulator itself chooses, so resistance to chosen keys
-/// buys nothing here.
-#[derive(Clone, Copy, Debug, Default)]
-struct FrameHasher(u64);
-
-impl Hasher for FrameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0xf135_7aea_2e62_a9c5);
-    }
-
-    fn finish(&self) -> u64 {
-        // The product's high bits mix every key bit; the table indexes by the low ones.
-        self.0.rotate_left(26)
-    }
-}
-
 /// Populated frames by frame number.
-type FrameMap = HashMap<u64, FrameData, BuildHasherDefault<FrameHasher>>;
+type FrameMap = FxHashMap<u64, FrameData>;
 
 /// Why [`SparseMemory::reserve`] refused a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -89,6 +65,11 @@ pub struct SparseMemory {
     frames: u64,
     data: FrameMap,
     alloc: FrameAllocator,
+    /// Changes made to the contents so far (see [`SparseMemory::changes`]).
+    changes: u64,
+    /// Frames whose changes are also counted in `watched_changes` ([`SparseMemory::watch`]).
+    watched: FxHashMap<u64, ()>,
+    watched_changes: u64,
 }
 
 impl fmt::Debug for SparseMemory {
@@ -112,6 +93,9 @@ impl SparseMemory {
             frames,
             data: FrameMap::default(),
             alloc: FrameAllocator::new(frames),
+            changes: 0,
+            watched: FxHashMap::default(),
+            watched_changes: 0,
         }
     }
 
@@ -187,18 +171,124 @@ impl SparseMemory {
         self.alloc.reserve(first.raw(), end)
     }
 
-    /// Reads `buf.len()` bytes starting at `addr`; the range may cross frames.
+    /// A count that grows with every change to the contents of memory (a word written
+    /// with a different value, a frame zero-filled): while it stays the same, every byte
+    /// reads as it did, so anything computed from memory alone may be reused.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Watches frame `mfn` (populated or not, for good): from now on every change to its
+    /// contents is also counted by [`SparseMemory::watched_changes`]. Watching changes
+    /// nothing in memory.
+    pub fn watch(&mut self, mfn: Mfn) {
+        self.watched.insert(mfn.raw(), ());
+    }
+
+    /// A count that grows with every change to the contents of a watched frame: while it
+    /// stays the same, every watched frame reads as it did.
+    pub fn watched_changes(&self) -> u64 {
+        self.watched_changes
+    }
+
+    /// Counts a change to the contents of frame `mfn`.
+    fn changed(&mut self, mfn: u64) {
+        self.changes += 1;
+        if self.watched.contains_key(&mfn) {
+            self.watched_changes += 1;
+        }
+    }
+
+    /// Reads `buf.len()` bytes starting at `addr`; the range may cross frames. Same result
+    /// as [`copy_from_phys`], one frame lookup per frame instead of one per word.
     pub fn read_bytes(&self, addr: Maddr, buf: &mut [u8]) -> Result<(), MemError> {
-        copy_from_phys(self, addr, buf)
+        let start = addr.raw();
+        self.check_bytes(start, buf.len())?;
+        let mut done = 0;
+        while done < buf.len() {
+            let at = start + done as u64;
+            let offset = (at % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - offset).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match self.data.get(&(at >> PAGE_SHIFT)) {
+                Some(frame) => frame_bytes(frame, offset, out),
+                None => out.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// Writes `data` starting at `addr`; the range may cross frames. Nothing is written
-    /// unless the whole range is backed.
+    /// unless the whole range is backed. Same result as [`copy_to_phys`], one frame lookup
+    /// per frame instead of two per word.
     pub fn write_bytes(&mut self, addr: Maddr, data: &[u8]) -> Result<(), MemError> {
-        copy_to_phys(self, addr, data)
+        let start = addr.raw();
+        self.check_bytes(start, data.len())?;
+        let mut done = 0;
+        while done < data.len() {
+            let at = start + done as u64;
+            let offset = (at % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - offset).min(data.len() - done);
+            self.write_in_frame(at >> PAGE_SHIFT, offset, &data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The error [`copy_from_phys`] / [`copy_to_phys`] give for `len` bytes at `start`: the
+    /// first word outside memory (or past the end of the address space) is unbacked.
+    fn check_bytes(&self, start: u64, len: usize) -> Result<(), MemError> {
+        check_span(start, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let last = start + (len as u64 - 1);
+        if last >> PAGE_SHIFT < self.frames {
+            return Ok(());
+        }
+        let first_unbacked = (self.frames << PAGE_SHIFT).max(start & !7);
+        Err(MemError::Unbacked {
+            addr: first_unbacked,
+        })
+    }
+
+    /// Writes `bytes` at `offset` inside frame `mfn` (the range lies inside the frame).
+    fn write_in_frame(&mut self, mfn: u64, offset: usize, bytes: &[u8]) {
+        let frame = match self.data.entry(mfn) {
+            Entry::Occupied(frame) => frame.into_mut(),
+            // An untouched frame already reads as zero: zeros cost no storage.
+            Entry::Vacant(_) if bytes.iter().all(|&b| b == 0) => return,
+            Entry::Vacant(frame) => frame.insert(Box::new([0; WORDS_PER_FRAME])),
+        };
+        let mut changed = false;
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = offset + done;
+            let (index, skip) = (at / 8, at % 8);
+            let old = frame[index];
+            let new = if skip == 0
+                && let Some(whole) = bytes.get(done..done + 8)
+            {
+                done += 8;
+                u64::from_le_bytes(whole.try_into().unwrap_or_default())
+            } else {
+                let n = (8 - skip).min(bytes.len() - done);
+                let mut word = old.to_le_bytes();
+                word[skip..skip + n].copy_from_slice(&bytes[done..done + n]);
+                done += n;
+                u64::from_le_bytes(word)
+            };
+            frame[index] = new;
+            changed |= new != old;
+        }
+        if changed {
+            self.changed(mfn);
+        }
     }
 
     /// The frame and word index of a naturally aligned `size`-byte access at `addr`.
+    #[inline]
     fn locate(&self, addr: Maddr, size: u64) -> Result<(u64, usize), MemError> {
         let raw = addr.raw();
         if !raw.is_multiple_of(size) {
@@ -211,13 +301,18 @@ impl SparseMemory {
         Ok((mfn, (addr.offset() / 8) as usize))
     }
 
+    #[inline]
     fn word(&self, mfn: u64, index: usize) -> u64 {
         self.data.get(&mfn).map_or(0, |frame| frame[index])
     }
 
     fn set_word(&mut self, mfn: u64, index: usize, value: u64) {
         match self.data.get_mut(&mfn) {
-            Some(frame) => frame[index] = value,
+            Some(frame) if frame[index] == value => {}
+            Some(frame) => {
+                frame[index] = value;
+                self.changed(mfn);
+            }
             // An untouched frame already reads as zero: storing a zero would cost a frame
             // of host memory for nothing.
             None if value == 0 => {}
@@ -225,6 +320,7 @@ impl SparseMemory {
                 let mut frame: FrameData = Box::new([0; WORDS_PER_FRAME]);
                 frame[index] = value;
                 self.data.insert(mfn, frame);
+                self.changed(mfn);
             }
         }
     }
@@ -232,12 +328,20 @@ impl SparseMemory {
     /// Drops the storage of `count` frames from `first`, which zero-fills them.
     fn depopulate(&mut self, first: u64, count: u64) {
         let end = first.saturating_add(count);
+        let mut removed = Vec::new();
         if !usize::try_from(count).is_ok_and(|c| c < self.data.len()) {
-            self.data.retain(|&mfn, _| mfn < first || mfn >= end);
+            self.data.retain(|&mfn, _| {
+                let keep = mfn < first || mfn >= end;
+                if !keep {
+                    removed.push(mfn);
+                }
+                keep
+            });
         } else {
-            for mfn in first..end {
-                self.data.remove(&mfn);
-            }
+            removed.extend((first..end).filter(|mfn| self.data.remove(mfn).is_some()));
+        }
+        for mfn in removed {
+            self.changed(mfn);
         }
     }
 }
@@ -247,12 +351,16 @@ fn half_shift(raw: u64) -> u32 {
     if raw & 4 == 0 { 0 } else { 32 }
 }
 
+// Every walk and every guest-physical copy reads through these: inlined into the engine's
+// generic code, a read is a frame lookup and an index.
 impl PhysMem<Maddr> for SparseMemory {
+    #[inline]
     fn read_u32(&self, addr: Maddr) -> Result<u32, MemError> {
         let (mfn, index) = self.locate(addr, 4)?;
         Ok((self.word(mfn, index) >> half_shift(addr.raw())) as u32)
     }
 
+    #[inline]
     fn read_u64(&self, addr: Maddr) -> Result<u64, MemError> {
         let (mfn, index) = self.locate(addr, 8)?;
         Ok(self.word(mfn, index))
@@ -319,8 +427,30 @@ impl MachineMemory for SparseMemory {
                 addr: mfn.base().raw(),
             });
         }
-        self.data.remove(&mfn.raw());
+        if self.data.remove(&mfn.raw()).is_some() {
+            self.changed(mfn.raw());
+        }
         Ok(())
+    }
+}
+
+/// Copies the bytes at `offset..offset + out.len()` of a frame's words into `out`.
+fn frame_bytes(frame: &[u64; WORDS_PER_FRAME], offset: usize, out: &mut [u8]) {
+    let mut done = 0;
+    while done < out.len() {
+        let at = offset + done;
+        let (index, skip) = (at / 8, at % 8);
+        let word = frame[index].to_le_bytes();
+        if skip == 0
+            && let Some(whole) = out.get_mut(done..done + 8)
+        {
+            whole.copy_from_slice(&word);
+            done += 8;
+        } else {
+            let n = (8 - skip).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&word[skip..skip + n]);
+            done += n;
+        }
     }
 }
 
@@ -830,6 +960,128 @@ mod tests {
             Err(MemError::Unbacked { addr: 0x2000 })
         );
         assert_eq!(mem.read_u32(ma(0x1ffc)), Ok(0));
+    }
+
+    #[test]
+    fn frame_wise_bytes_agree_with_the_word_wise_copies() {
+        // Every start offset near a frame end and lengths crossing one or two frames, on
+        // memory with populated and unpopulated frames, and ranges running off the end.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut fast = SparseMemory::new(3);
+        let mut slow = SparseMemory::new(3);
+        for word in 0..512u64 {
+            let value = next();
+            fast.write_u64(ma(0x1000 + 8 * word), value).unwrap();
+            slow.write_u64(ma(0x1000 + 8 * word), value).unwrap();
+        }
+        for start in (0xfe0..0x1030).chain(0x1fe0..0x2030).chain(0x2ff0..0x3010) {
+            for len in [0usize, 1, 3, 8, 9, 17, 40, 4096, 4100, 8200] {
+                let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                assert_eq!(
+                    fast.write_bytes(ma(start), &data),
+                    copy_to_phys(&mut slow, ma(start), &data),
+                    "write {len} at {start:#x}"
+                );
+                let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                let read = fast.read_bytes(ma(start), &mut a);
+                assert_eq!(
+                    read,
+                    copy_from_phys(&slow, ma(start), &mut b),
+                    "read {len} at {start:#x}"
+                );
+                if read.is_err() {
+                    // What lands in the buffer of a failed read is unspecified.
+                    continue;
+                }
+                let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
+                assert_eq!(first_diff, None, "bytes {len} at {start:#x}");
+            }
+        }
+        let mut all = [vec![0u8; 3 * 4096], vec![0u8; 3 * 4096]];
+        fast.read_bytes(ma(0), &mut all[0]).unwrap();
+        copy_from_phys(&slow, ma(0), &mut all[1]).unwrap();
+        assert!(all[0] == all[1]);
+    }
+
+    #[test]
+    fn every_change_of_contents_is_counted() {
+        let mut mem = SparseMemory::new(8);
+        let mut last = mem.changes();
+        let mut changed = |mem: &SparseMemory| {
+            let now = mem.changes();
+            let grew = now != last;
+            last = now;
+            grew
+        };
+        mem.write_u64(ma(0x1000), 0).unwrap();
+        assert!(
+            !changed(&mem),
+            "a zero on an untouched frame changes nothing"
+        );
+        mem.write_u32(ma(0x1004), 7).unwrap();
+        assert!(changed(&mem));
+        mem.write_u32(ma(0x1004), 7).unwrap();
+        assert!(!changed(&mem), "the same value again changes nothing");
+        mem.write_u64(ma(0x1000), 1).unwrap();
+        assert!(changed(&mem));
+        mem.write_bytes(ma(0x1ffe), &[1, 2, 3, 4]).unwrap();
+        assert!(changed(&mem));
+        mem.write_bytes(ma(0x1ffe), &[1, 2, 3, 4]).unwrap();
+        assert!(!changed(&mem));
+        assert_eq!(
+            mem.compare_exchange_u64(ma(0x1000), 1, 2),
+            Ok(Exchange::Swapped)
+        );
+        assert!(changed(&mem));
+        mem.zero_frame(Mfn::new(1)).unwrap();
+        assert!(changed(&mem));
+        mem.write_u64(ma(0x3000), 5).unwrap();
+        assert!(changed(&mem));
+        // Handing the frame out again zero-fills it.
+        mem.reserve(Mfn::new(0), 3).unwrap();
+        let block = mem.alloc_block(0).unwrap();
+        assert_eq!(block, Mfn::new(3));
+        assert!(changed(&mem));
+        assert_eq!(mem.read_u64(ma(0x3000)), Ok(0));
+    }
+
+    #[test]
+    fn only_changes_to_watched_frames_are_counted_as_watched() {
+        let mut mem = SparseMemory::new(8);
+        mem.watch(Mfn::new(2));
+        mem.watch(Mfn::new(3));
+        let mut last = mem.watched_changes();
+        let mut changed = |mem: &SparseMemory| {
+            let now = mem.watched_changes();
+            let grew = now != last;
+            last = now;
+            grew
+        };
+        mem.write_u64(ma(0x1000), 5).unwrap();
+        mem.write_bytes(ma(0x4000), &[1; 64]).unwrap();
+        assert!(!changed(&mem), "frames 1 and 4 are not watched");
+        mem.write_u64(ma(0x2000), 0).unwrap();
+        assert!(
+            !changed(&mem),
+            "a zero on an untouched frame changes nothing"
+        );
+        mem.write_u64(ma(0x2008), 1).unwrap();
+        assert!(changed(&mem), "populating a watched frame");
+        mem.write_u32(ma(0x200c), 9).unwrap();
+        assert!(changed(&mem));
+        mem.write_bytes(ma(0x2ffe), &[7, 7, 7, 7]).unwrap();
+        assert!(changed(&mem), "a range ending in a watched frame");
+        mem.zero_frame(Mfn::new(2)).unwrap();
+        assert!(changed(&mem));
+        mem.reserve(Mfn::new(0), 3).unwrap();
+        assert_eq!(mem.alloc_block(0), Some(Mfn::new(3)));
+        assert!(changed(&mem), "handing out a watched frame zero-fills it");
     }
 
     #[test]

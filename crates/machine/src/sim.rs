@@ -21,11 +21,14 @@ use shadow2::flush::Flush;
 use shadow2::host::MachineMemory;
 use shadow2::multi::FaultOutcome;
 use shadow2::p2m::P2mType;
-use shadow2::paging::{Access, AccessKind, ControlState, PagingLevels, PfErrorCode, Privilege};
+use shadow2::paging::{
+    Access, AccessKind, ControlState, PagingLevels, PfErrorCode, Privilege, WalkResult,
+};
 
 use crate::cpu::{Cpu, CpuFault};
-use crate::memory::{SparseMemory, copy_from_phys, copy_to_phys};
+use crate::memory::SparseMemory;
 use crate::oracle::{self, Expected, HOST_FEATURES};
+use crate::p2m_memo::P2mMemo;
 
 /// Traps taken, by kind: each is one exit from the guest to the hypervisor.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -114,6 +117,8 @@ pub struct ShadowMachine {
     written: BTreeSet<Gfn>,
     /// Time spent inside the engine on the access and trap paths.
     engine_time: Duration,
+    /// The p2m's answers to the oracle's walks.
+    p2m_memo: P2mMemo,
 }
 
 /// Runs `f` (a call into the engine), adding its wall-clock time to `total`.
@@ -146,6 +151,7 @@ impl ShadowMachine {
             mismatch_count: 0,
             written: BTreeSet::new(),
             engine_time: Duration::ZERO,
+            p2m_memo: P2mMemo::default(),
         })
     }
 
@@ -439,7 +445,9 @@ impl ShadowMachine {
                 "a load was emulated",
             )));
         };
-        copy_from_phys(self.domain.host(), addr, buf)
+        self.domain
+            .host()
+            .read_bytes(addr, buf)
             .map_err(|_| GuestError::Engine(EngineError::Internal("load of unbacked memory")))
     }
 
@@ -453,8 +461,11 @@ impl ShadowMachine {
     ) -> Result<(), GuestError> {
         let access = Access::new(AccessKind::Write, privilege);
         match self.access(v, va, access, Some(data)) {
-            Ok(Reached::At(addr)) => copy_to_phys(self.domain.host_mut(), addr, data)
-                .map_err(|_| GuestError::Engine(EngineError::Internal("write to unbacked memory"))),
+            Ok(Reached::At(addr)) => {
+                self.domain.host_mut().write_bytes(addr, data).map_err(|_| {
+                    GuestError::Engine(EngineError::Internal("write to unbacked memory"))
+                })
+            }
             Ok(Reached::Emulated) => Ok(()),
             Ok(Reached::NeedsEmulation(_)) => Err(GuestError::Engine(EngineError::Internal(
                 "a data write asked for instruction emulation",
@@ -475,10 +486,15 @@ impl ShadowMachine {
     ) -> Result<Reached, GuestError> {
         self.accesses += 1;
         let ctl = self.guest_control(v);
-        let expected = oracle::expect(&self.domain, &ctl, va, access);
+        let walk = self.oracle_walk(&ctl, va, access);
+        let expected = oracle::expect_from_walk(&self.domain, &self.p2m_memo, &ctl, access, &walk);
+        // The walk holds for the rest of the access while nothing but the hardware's own
+        // translation has run (no engine call) and memory reads as it did.
+        let mut walk_holds_at = Some(self.domain.host().changes());
         let in_hole = self.domain.config().in_hole(va);
         for _ in 0..MAX_ROUNDS {
             if self.domain.rootless().contains(v) {
+                walk_holds_at = None;
                 self.restore_roots();
                 if self.domain.rootless().contains(v) {
                     return Err(GuestError::Engine(EngineError::Internal(
@@ -504,9 +520,21 @@ impl ShadowMachine {
                             ),
                         );
                     }
-                    self.check_ad(v, va, access, &ctl);
-                    if access.is_write() {
-                        self.note_written(&ctl, va, access);
+                    if !in_hole || access.is_write() {
+                        let unchanged = walk_holds_at == Some(self.domain.host().changes());
+                        let after = if unchanged {
+                            walk
+                        } else {
+                            self.oracle_walk(&ctl, va, access)
+                        };
+                        if !in_hole {
+                            self.check_ad_of(v, va, access, &ctl, &after);
+                        }
+                        if access.is_write()
+                            && let Ok(t) = after
+                        {
+                            self.written.insert(t.frame);
+                        }
                     }
                     return Ok(Reached::At(t.addr));
                 }
@@ -540,6 +568,7 @@ impl ShadowMachine {
                     } else {
                         code
                     };
+                    walk_holds_at = None;
                     let (outcome, flush) = self
                         .call(|d| d.page_fault(v, va, code))
                         .map_err(GuestError::Engine)?;
@@ -630,6 +659,12 @@ impl ShadowMachine {
         Ok(Reached::Emulated)
     }
 
+    /// The guest's own walk of `va` (the oracle's), as the domain is now.
+    fn oracle_walk(&mut self, ctl: &ControlState, va: Gva, access: Access) -> WalkResult<Gpa> {
+        self.p2m_memo.refresh(&mut self.domain);
+        oracle::guest_walk_with(&self.domain, &self.p2m_memo, ctl, va, access)
+    }
+
     /// Notes the guest frame a write at `va` reaches through the guest's tables.
     fn note_written(&mut self, ctl: &ControlState, va: Gva, access: Access) {
         if let Ok(t) = oracle::guest_walk(&self.domain, ctl, va, access) {
@@ -641,7 +676,20 @@ impl ShadowMachine {
         if self.domain.config().in_hole(va) {
             return;
         }
-        if let Some(what) = oracle::check_accessed_dirty(&self.domain, ctl, va, access) {
+        let walk = oracle::guest_walk(&self.domain, ctl, va, access);
+        self.check_ad_of(v, va, access, ctl, &walk);
+    }
+
+    /// [`Self::check_ad`] given the guest's walk of `va` as the domain is now.
+    fn check_ad_of(
+        &mut self,
+        v: usize,
+        va: Gva,
+        access: Access,
+        ctl: &ControlState,
+        walk: &WalkResult<Gpa>,
+    ) {
+        if let Some(what) = oracle::accessed_dirty_from_walk(ctl, access, walk) {
             self.mismatch(v, va, access, what.into());
         }
     }
@@ -735,7 +783,10 @@ impl HwMemory<'_> {
         let mut done = 0;
         for (at, n) in page_pieces(va, buf.len()) {
             let addr = self.translate(at, kind)?;
-            copy_from_phys(self.m.domain.host(), addr, &mut buf[done..done + n])
+            self.m
+                .domain
+                .host()
+                .read_bytes(addr, &mut buf[done..done + n])
                 .map_err(|_| EmuFault::GeneralProtection)?;
             done += n;
         }
@@ -754,26 +805,90 @@ impl EmuMemory for HwMemory<'_> {
         self.load(va, buf, AccessKind::Write)
     }
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), EmuFault> {
-        let mut targets = Vec::new();
-        for (at, n) in page_pieces(va, data.len()) {
-            targets.push((self.translate(at, AccessKind::Write)?, n));
-        }
+        let targets = self.translate_for_write(va, data.len())?;
         let mut done = 0;
-        for (addr, n) in targets {
-            copy_to_phys(self.m.domain.host_mut(), addr, &data[done..done + n])
+        for &(addr, n) in targets.pieces() {
+            self.m
+                .domain
+                .host_mut()
+                .write_bytes(addr, &data[done..done + n])
                 .map_err(|_| EmuFault::GeneralProtection)?;
             done += n;
         }
         Ok(())
     }
-    // Single-threaded: nothing writes between the read and the write.
+    // Single-threaded: nothing writes between the read and the write. One translation for
+    // write of each page serves both, as one locked access of the hardware.
     fn compare_exchange(
         &mut self,
         va: u64,
         current: &[u8],
         new: &[u8],
     ) -> Result<AtomicUpdate, EmuFault> {
-        serial_compare_exchange(self, va, current, new)
+        if new.len() != current.len() {
+            return serial_compare_exchange(self, va, current, new);
+        }
+        let mut buf = [0u8; 16];
+        let Some(actual) = buf.get_mut(..current.len()) else {
+            return Ok(AtomicUpdate::Unsupported);
+        };
+        let targets = self.translate_for_write(va, current.len())?;
+        let mut done = 0;
+        for &(addr, n) in targets.pieces() {
+            self.m
+                .domain
+                .host()
+                .read_bytes(addr, &mut actual[done..done + n])
+                .map_err(|_| EmuFault::GeneralProtection)?;
+            done += n;
+        }
+        if actual != current {
+            return Ok(AtomicUpdate::Lost);
+        }
+        let mut done = 0;
+        for &(addr, n) in targets.pieces() {
+            self.m
+                .domain
+                .host_mut()
+                .write_bytes(addr, &new[done..done + n])
+                .map_err(|_| EmuFault::GeneralProtection)?;
+            done += n;
+        }
+        Ok(AtomicUpdate::Written)
+    }
+}
+
+/// Where the pages of one write landed, in order: (machine address, length).
+struct WriteTargets {
+    /// The emulator's writes span at most two pages: those need no allocation.
+    few: [(Maddr, usize); 2],
+    count: usize,
+    more: Vec<(Maddr, usize)>,
+}
+
+impl WriteTargets {
+    fn pieces(&self) -> impl Iterator<Item = &(Maddr, usize)> {
+        self.few[..self.count.min(2)].iter().chain(&self.more)
+    }
+}
+
+impl HwMemory<'_> {
+    /// Translates every page of `va .. va + len` for a write before any byte is written.
+    fn translate_for_write(&mut self, va: u64, len: usize) -> Result<WriteTargets, EmuFault> {
+        let mut targets = WriteTargets {
+            few: [(Maddr::new(0), 0); 2],
+            count: 0,
+            more: Vec::new(),
+        };
+        for (at, n) in page_pieces(va, len) {
+            let target = (self.translate(at, AccessKind::Write)?, n);
+            match targets.few.get_mut(targets.count) {
+                Some(slot) => *slot = target,
+                None => targets.more.push(target),
+            }
+            targets.count += 1;
+        }
+        Ok(targets)
     }
 }
 

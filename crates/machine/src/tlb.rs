@@ -1,10 +1,12 @@
 //! A per-vcpu TLB model: translations cached by virtual page, kept until INVLPG, a CR3 load
 //! or a capacity eviction removes them, so that a missing flush shows as a stale access.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use shadow2::addr::{Gva, Maddr, Mfn};
 use shadow2::paging::{PageSize, Perms};
+
+use crate::fx::FxHashMap;
 
 /// Every page size an entry can have, smallest first: the order lookups try them in.
 const SIZES: [PageSize; 4] = [
@@ -82,6 +84,16 @@ fn key(va: Gva, size: PageSize) -> Key {
     (size.shift(), page_number(va, size))
 }
 
+/// The index of `size` in [`SIZES`].
+fn size_index(size: PageSize) -> usize {
+    match size {
+        PageSize::Size4K => 0,
+        PageSize::Size2M => 1,
+        PageSize::Size4M => 2,
+        PageSize::Size1G => 3,
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     entry: TlbEntry,
@@ -93,7 +105,10 @@ struct Slot {
 #[derive(Clone, Debug)]
 pub struct Tlb {
     capacity: usize,
-    entries: HashMap<Key, Slot>,
+    entries: FxHashMap<Key, Slot>,
+    /// Live entries of each page size (indexed like [`SIZES`]): a lookup skips the sizes
+    /// with none.
+    per_size: [usize; SIZES.len()],
     /// Insertion order for eviction. Removed entries leave their positions behind; the
     /// stamps tell them apart, and the queue is compacted when they pile up.
     fifo: VecDeque<(Key, u64)>,
@@ -115,7 +130,8 @@ impl Tlb {
     pub fn new(capacity: usize) -> Tlb {
         Tlb {
             capacity,
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
+            per_size: [0; SIZES.len()],
             fifo: VecDeque::new(),
             next_stamp: 0,
             stats: TlbStats::default(),
@@ -163,7 +179,9 @@ impl Tlb {
     pub fn peek(&self, va: Gva) -> Option<TlbEntry> {
         SIZES
             .iter()
-            .find_map(|&size| self.entries.get(&key(va, size)))
+            .zip(self.per_size)
+            .filter(|&(_, live)| live > 0)
+            .find_map(|(&size, _)| self.entries.get(&key(va, size)))
             .map(|slot| slot.entry)
     }
 
@@ -182,6 +200,7 @@ impl Tlb {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         self.entries.insert(k, Slot { entry, stamp });
+        self.per_size[size_index(entry.size)] += 1;
         self.fifo.push_back((k, stamp));
         self.stats.inserts += 1;
         self.compact_fifo();
@@ -204,6 +223,7 @@ impl Tlb {
     pub fn flush_non_global(&mut self) {
         self.stats.non_global_flushes += 1;
         self.entries.retain(|_, slot| slot.entry.global);
+        self.recount();
         self.compact_fifo();
     }
 
@@ -211,6 +231,7 @@ impl Tlb {
     pub fn flush_all(&mut self) {
         self.stats.full_flushes += 1;
         self.entries.clear();
+        self.per_size = [0; SIZES.len()];
         self.fifo.clear();
     }
 
@@ -224,14 +245,33 @@ impl Tlb {
     fn remove_covering(&mut self, va: Gva) -> usize {
         SIZES
             .iter()
-            .filter(|&&size| self.entries.remove(&key(va, size)).is_some())
+            .filter(|&&size| self.remove_key(key(va, size)))
             .count()
+    }
+
+    /// Removes the entry at `k`, if any, keeping the per-size counts.
+    fn remove_key(&mut self, k: Key) -> bool {
+        match self.entries.remove(&k) {
+            Some(slot) => {
+                self.per_size[size_index(slot.entry.size)] -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts the live entries of each size again (after a bulk removal).
+    fn recount(&mut self) {
+        self.per_size = [0; SIZES.len()];
+        for slot in self.entries.values() {
+            self.per_size[size_index(slot.entry.size)] += 1;
+        }
     }
 
     fn evict_oldest(&mut self) {
         while let Some((k, stamp)) = self.fifo.pop_front() {
             if self.entries.get(&k).is_some_and(|slot| slot.stamp == stamp) {
-                self.entries.remove(&k);
+                self.remove_key(k);
                 self.stats.evictions += 1;
                 return;
             }
@@ -239,7 +279,7 @@ impl Tlb {
         // Only reachable if the queue lost track of an entry; dropping an arbitrary one
         // keeps the bound, which matters more than the order.
         if let Some(&k) = self.entries.keys().next() {
-            self.entries.remove(&k);
+            self.remove_key(k);
             self.stats.evictions += 1;
         }
     }
@@ -330,6 +370,32 @@ mod tests {
             tlb.invlpg(Gva::new(i << 12));
         }
         assert!(tlb.fifo.len() <= 2 * tlb.capacity() + 65);
+    }
+
+    #[test]
+    fn every_size_is_found_after_others_come_and_go() {
+        let mut tlb = Tlb::new(8);
+        tlb.insert(entry(0x20_0000, PageSize::Size2M, false));
+        assert!(tlb.peek(Gva::new(0x20_1000)).is_some());
+        tlb.insert(entry(0x20_1000, PageSize::Size4K, true));
+        tlb.flush_non_global();
+        assert_eq!(
+            tlb.peek(Gva::new(0x20_1000)).map(|e| e.size),
+            Some(PageSize::Size4K)
+        );
+        assert!(tlb.peek(Gva::new(0x20_2000)).is_none());
+        tlb.insert(entry(0x4000_0000, PageSize::Size1G, false));
+        tlb.insert(entry(0x40_0000, PageSize::Size4M, false));
+        assert_eq!(tlb.invlpg(Gva::new(0x20_1000)), 1);
+        assert!(tlb.peek(Gva::new(0x7fff_f000)).is_some());
+        assert!(tlb.peek(Gva::new(0x7f_f000)).is_some());
+        tlb.flush_all();
+        tlb.insert(entry(0x40_0000, PageSize::Size4M, false));
+        assert_eq!(
+            tlb.peek(Gva::new(0x7f_f000)).map(|e| e.size),
+            Some(PageSize::Size4M)
+        );
+        assert!(tlb.peek(Gva::new(0x7fff_f000)).is_none());
     }
 
     #[test]

@@ -149,14 +149,16 @@ impl<B: GuestOps> Kernel<B> {
             .read(v, va, 0, &mut page)
             .map_err(|e| kernel_err(e, "read a page table"))?;
         let eb = self.arch.entry_bytes() as usize;
-        Ok(page
-            .chunks_exact(eb)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b[..eb].copy_from_slice(c);
-                u64::from_le_bytes(b)
-            })
-            .collect())
+        Ok(match eb {
+            8 => page
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect(),
+            _ => page
+                .chunks_exact(4)
+                .map(|c| u64::from(u32::from_le_bytes(c.try_into().unwrap_or_default())))
+                .collect(),
+        })
     }
 
     /// Changes the entry at linear address `va` with a real instruction; returns the value

@@ -644,12 +644,19 @@ impl Churn {
         let mut out = BTreeMap::new();
         let mut page = vec![0u8; 4096];
         for g in 0..RAM_FRAMES {
-            if self.m.read_phys(Gfn::new(g).base(), &mut page).is_ok() {
-                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-                for b in &page {
-                    h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-                }
-                out.insert(g, h);
+            // What `read_phys` of the whole page reads, frame by frame rather than word by
+            // word: RAM only, and nothing outside machine memory.
+            let Some(mfn) = self.m.ram_frame(Gfn::new(g)) else {
+                continue;
+            };
+            if self
+                .m
+                .domain()
+                .host()
+                .read_bytes(mfn.base(), &mut page)
+                .is_ok()
+            {
+                out.insert(g, page_fnv1a(&page));
             }
         }
         out
@@ -760,4 +767,22 @@ impl Churn {
             .sum();
         self.report
     }
+}
+
+/// FNV-1a of a page, byte by byte; eight zero bytes only multiply by the prime's 8th power,
+/// done in one step.
+fn page_fnv1a(page: &[u8]) -> u64 {
+    const PRIME: u64 = 0x100_0000_01b3;
+    let prime_pow8 = (0..8).fold(1u64, |p, _| p.wrapping_mul(PRIME));
+    let byte = |h: u64, b: &u8| (h ^ u64::from(*b)).wrapping_mul(PRIME);
+    let mut words = page.chunks_exact(8);
+    let mut h = (&mut words).fold(0xcbf2_9ce4_8422_2325u64, |h, word| {
+        if word == [0u8; 8] {
+            h.wrapping_mul(prime_pow8)
+        } else {
+            word.iter().fold(h, byte)
+        }
+    });
+    h = words.remainder().iter().fold(h, byte);
+    h
 }

@@ -51,3 +51,21 @@ fn a_store_from_an_overwritten_code_page_counts_the_frame_it_wrote() {
     assert_eq!(c.report.lost_dirty_pages, 0, "{:?}", c.report.first_problem);
     assert_eq!(c.m.mismatches().0, 0, "{:?}", c.m.mismatches().1);
 }
+
+#[test]
+fn page_digest_is_fnv1a_byte_by_byte() {
+    let mut page = vec![0u8; 4096];
+    for (i, b) in page.iter_mut().enumerate() {
+        // Zero runs of every length and alignment between nonzero bytes.
+        *b = if i % 89 < 23 || i % 7 == 0 {
+            0
+        } else {
+            (i * 31) as u8
+        };
+    }
+    let reference = page.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    assert_eq!(super::page_fnv1a(&page), reference);
+    assert_ne!(super::page_fnv1a(&page), super::page_fnv1a(&[0; 4096]));
+}
