@@ -91,7 +91,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
     } else {
         for r in &merged {
             println!(
-                "{:>5}: {:>7} ops {:>8} accesses {:>6} fills {:>6} propagated ({:>5} fast) {:>5} emulated ({:>4} from instructions) {:>5} evictions {:>4} unshadows {:>3} cleans  violations {} mismatches {}",
+                "{:>5}: {:>7} ops {:>8} accesses {:>6} fills {:>6} propagated ({:>5} fast) {:>5} emulated ({:>4} from instructions) {:>5} evictions {:>4} unshadows {:>3} cleans {:>4} superpages ({:>4} split)  violations {} mismatches {}",
                 r.pair,
                 r.ops,
                 r.accesses,
@@ -103,6 +103,8 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
                 r.evictions,
                 r.unshadows,
                 r.dirty_cleans,
+                r.superpages_mapped,
+                r.superpage_splits,
                 r.audit_violations,
                 r.oracle_mismatches + r.lost_dirty_pages,
             );
@@ -182,6 +184,8 @@ fn merge(pairs: &[Pair], reports: &[ChurnReport]) -> Vec<ChurnReport> {
                 m.evictions += r.evictions;
                 m.fast_path += r.fast_path;
                 m.unshadows += r.unshadows;
+                m.superpages_mapped += r.superpages_mapped;
+                m.superpage_splits += r.superpage_splits;
                 m.pool_peak_pages = m.pool_peak_pages.max(r.pool_peak_pages);
                 m.traps.shadow_fills += r.traps.shadow_fills;
                 m.traps.spurious += r.traps.spurious;

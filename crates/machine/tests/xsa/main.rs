@@ -18,5 +18,6 @@ mod pdpte;
 mod pool;
 mod prefetch;
 mod self_maps;
+mod shadow_superpages;
 mod superpages;
 mod type_confusion;
