@@ -260,3 +260,6 @@ impl<H: MachineMemory> Domain<H> {
         Ok((self.superpages.entries() == 0, written))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -236,3 +236,38 @@ fn issue12_shadow_superpages_off_splinter_every_guest_superpage() {
     x.write(0, VA, 1).unwrap();
     assert_eq!(x.domain().stats().superpages_mapped, 0);
 }
+
+/// A superpage split because a frame inside became a page table is mapped again by a
+/// splinter filled whole at its first fault (its backing is known contiguous): the other
+/// frames take no more fills, and the page table's entry in it is read-only all the same.
+#[test]
+fn issue12_a_split_superpage_is_refilled_whole_with_its_page_table_read_only() {
+    for pair in PAGING_PAIRS {
+        let (mut x, cr3, _) = setup(pair, false);
+        x.write(0, VA, 1).unwrap();
+        let table = AREA + 5;
+        let va2 = 0x3000_0000u64;
+        let pde = x.slot(cr3, va2, 2);
+        x.t.write(&mut x.m, table << 12, (DATA_GFN << 12) | DATA);
+        x.t.write(&mut x.m, pde, (table << 12) | TABLE);
+        assert!(x.read(0, va2).is_ok(), "{pair:?}");
+        assert!(!superpage_maps(&x, x.mfn(table)), "{pair:?}: not split");
+        x.write(0, VA + (20 << 12), 20).unwrap();
+        let fills = x.m.traps().shadow_fills;
+        for k in [21, 300, frames(pair) - 1] {
+            x.write(0, VA + (k << 12), k).unwrap();
+        }
+        assert_eq!(
+            x.m.traps().shadow_fills,
+            fills,
+            "{pair:?}: not filled whole"
+        );
+        let emulated = x.m.traps().emulated_writes;
+        x.write(0, VA + (5 << 12) + 8, 0).unwrap();
+        assert_eq!(
+            x.m.traps().emulated_writes,
+            emulated + 1,
+            "{pair:?}: a write to a shadowed table went straight through"
+        );
+    }
+}

@@ -602,8 +602,10 @@ where
             Some((pde, gfn)) => {
                 let pkey = Self::splinter_pkey(pde);
                 let new = Self::fl1_sentry(d, frames, pde, gfn, pkey)?;
+                // A first fill of the entry: the splinter may still be empty around it.
+                let first = d.read_sentry(leaf.slot)? == 0;
                 d.set_sentry(leaf.slot, new)?;
-                if Self::fill_contiguous_splinter(d, va, pde, pkey, leaf.slot)? {
+                if first && Self::fill_contiguous_splinter(d, va, pde, pkey, leaf.slot)? {
                     return Ok(());
                 }
                 return Self::prefetch_splinter(d, frames, va, pde, gfn, pkey, leaf.slot);
