@@ -10,7 +10,7 @@ use shadow2::emulate::{CodeMode, EmuFault, Regs};
 use shadow2::multi::FaultOutcome;
 use shadow2::p2m::P2mType;
 use shadow2::paging::{ControlState, PagingLevels, PfErrorCode};
-use shadow2::{Domain, DomainConfig, EngineError, Flush, Gfn, Gpa, Gva, MachineMemory};
+use shadow2::{Domain, DomainConfig, EngineError, Flush, Gfn, Gpa, Gva, MachineMemory, Mfn};
 
 use crate::KvmError;
 use crate::exits::{ExceptionFrame, ExitCounts, GuestExit};
@@ -164,16 +164,29 @@ impl KvmMachine {
 
     /// Gives guest frames `first..first+count` fresh frames of VM memory as RAM.
     pub fn add_ram(&mut self, first: Gfn, count: u64) -> Result<(), KvmError> {
-        for i in 0..count {
+        let mut i = 0;
+        while i < count {
+            let gfn = first.raw() + i;
+            // An aligned 2 MiB run of guest frames gets an aligned run of machine frames, so
+            // that shadow superpages can map it.
+            let order = if gfn.is_multiple_of(512) && count - i >= 512 {
+                9
+            } else {
+                0
+            };
             let mfn = self
                 .domain
                 .host_mut()
-                .alloc_block(0)
+                .alloc_block(order)
                 .ok_or(KvmError::OutOfFrames)?;
-            let flush = self
-                .domain
-                .set_p2m(Gfn::new(first.raw() + i), Some((mfn, P2mType::Ram)))?;
-            self.settle(flush)?;
+            for k in 0..1u64 << order {
+                let flush = self.domain.set_p2m(
+                    Gfn::new(gfn + k),
+                    Some((Mfn::new(mfn.raw() + k), P2mType::Ram)),
+                )?;
+                self.settle(flush)?;
+            }
+            i += 1 << order;
         }
         Ok(())
     }

@@ -159,6 +159,19 @@ impl SparseMemory {
         self.alloc.outstanding.get(&first.raw()).copied()
     }
 
+    /// Hands out `2^order` contiguous frames aligned to their size, each its own one-frame
+    /// allocation (freed one by one with `free_block(frame, 0)`): guest RAM that shadow
+    /// superpages can map.
+    pub fn alloc_aligned_frames(&mut self, order: u8) -> Option<Mfn> {
+        let first = self.alloc.alloc(order)?;
+        self.alloc.outstanding.remove(&first);
+        for f in first..first + (1u64 << order) {
+            self.alloc.outstanding.insert(f, 0);
+        }
+        self.depopulate(first, 1 << order);
+        Some(Mfn::new(first))
+    }
+
     /// Keeps the allocator away from `count` frames starting at `first` (for memory with a
     /// fixed role: guest RAM, a hypervisor area). The frames stay readable and writable.
     /// Reserving frames already reserved is harmless; frames handed out are refused.

@@ -216,19 +216,51 @@ impl ShadowMachine {
         }
     }
 
-    /// Gives guest frames `first..first+count` fresh machine frames of RAM.
+    /// Gives guest frames `first..first+count` fresh machine frames of RAM: every aligned
+    /// 4 MiB (else 2 MiB) run of guest frames gets a run of machine frames aligned alike, so
+    /// that shadow superpages can map it; other frames one by one.
     pub fn add_ram(&mut self, first: Gfn, count: u64) -> Result<(), EngineError> {
-        for i in 0..count {
+        let mut i = 0;
+        while i < count {
+            let gfn = first.raw() + i;
+            let order = [10u8, 9]
+                .into_iter()
+                .find(|&o| gfn.is_multiple_of(1 << o) && count - i >= 1 << o);
+            let (mfn, frames) = match order {
+                Some(o) => (self.domain.host_mut().alloc_aligned_frames(o), 1u64 << o),
+                None => (self.domain.host_mut().alloc_block(0), 1),
+            };
+            let mfn = mfn.ok_or(EngineError::BadArgument("machine out of frames"))?;
+            for k in 0..frames {
+                self.map_ram(Gfn::new(gfn + k), Mfn::new(mfn.raw() + k))?;
+            }
+            i += frames;
+        }
+        Ok(())
+    }
+
+    /// Gives guest frames `first..first+count` fresh machine frames of RAM in descending
+    /// order, so that no two neighbouring guest frames are neighbours in machine memory (no
+    /// shadow superpage can map them: tests of the fallback).
+    pub fn add_ram_scattered(&mut self, first: Gfn, count: u64) -> Result<(), EngineError> {
+        let mut frames = Vec::new();
+        for _ in 0..count {
             let mfn = self
                 .domain
                 .host_mut()
                 .alloc_block(0)
                 .ok_or(EngineError::BadArgument("machine out of frames"))?;
-            let flush = self
-                .domain
-                .set_p2m(Gfn::new(first.raw() + i), Some((mfn, P2mType::Ram)))?;
-            self.settle(flush);
+            frames.push(mfn);
         }
+        for (i, mfn) in frames.into_iter().rev().enumerate() {
+            self.map_ram(Gfn::new(first.raw() + i as u64), mfn)?;
+        }
+        Ok(())
+    }
+
+    fn map_ram(&mut self, gfn: Gfn, mfn: Mfn) -> Result<(), EngineError> {
+        let flush = self.domain.set_p2m(gfn, Some((mfn, P2mType::Ram)))?;
+        self.settle(flush);
         Ok(())
     }
 

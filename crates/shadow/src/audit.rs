@@ -70,6 +70,7 @@ pub fn audit<H: MachineMemory>(d: &Domain<H>) -> AuditReport {
             d.out_of_sync_records() as u64,
         );
     }
+    audit_superpage_index(d, &mut r);
     r
 }
 
@@ -170,6 +171,12 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
                 continue;
             }
             let frame = d.sentry_frame(e);
+            if d.is_superpage_sentry(key.kind.level(), e) {
+                if !dying {
+                    check_superpage_entry(d, r, pair, key, index, slot, e);
+                }
+                continue;
+            }
             if key.kind.is_leaf_table() {
                 #[cfg(feature = "rmap")]
                 if let Some(m) = frame {
@@ -250,6 +257,67 @@ fn audit_entries<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
             "reverse map disagrees with the shadow L1 entries",
             rmap.len() as u64,
         );
+    }
+}
+
+/// A shadow superpage entry: allowed now (the guest entry is such a superpage, its machine
+/// backing contiguous aligned RAM, none of it a page table, waiting for a scan or losing its
+/// mappings, no log-dirty mode), no more rights than the guest's, and in the index.
+fn check_superpage_entry<H: MachineMemory>(
+    d: &Domain<H>,
+    r: &mut AuditReport,
+    pair: Option<Pair>,
+    key: crate::types::ShadowKey,
+    index: u64,
+    slot: Maddr,
+    e: u64,
+) {
+    let width = d.sentry_bytes();
+    let Some(frame) = d.sentry_frame(e) else {
+        return;
+    };
+    let region = frame.raw() >> d.superpage_order();
+    if !d.superpages.holds(region, slot) {
+        r.fail("shadow superpage entry missing from the index", slot.raw());
+    }
+    let expected = match pair {
+        Some(pair) => pair.expected_superpage(d, key, index),
+        None => Ok(None),
+    };
+    match expected {
+        Err(_) => r.fail("expected shadow entry could not be computed", slot.raw()),
+        Ok(None) => r.fail("shadow superpage entry where none is allowed", slot.raw()),
+        Ok(Some(x)) => {
+            if !within(e, x, width) || e & bits::PS == 0 {
+                r.fail(
+                    "shadow superpage entry grants more than guest and rules allow",
+                    slot.raw(),
+                );
+            } else if width == 8 && e & bits::PKEY_MASK != x & bits::PKEY_MASK {
+                r.fail(
+                    "shadow entry's protection key is not the guest's",
+                    slot.raw(),
+                );
+            }
+        }
+    }
+}
+
+/// Every entry of the superpage index is a superpage entry of a live shadow L2 mapping its
+/// region.
+fn audit_superpage_index<H: MachineMemory>(d: &Domain<H>, r: &mut AuditReport) {
+    for (region, slot) in d.superpages.iter() {
+        let live = d
+            .store
+            .containing(slot.mfn())
+            .is_some_and(|(_, i)| i.key.kind.level() == 2);
+        let maps = d.read_sentry(slot).is_ok_and(|e| {
+            d.is_superpage_sentry(2, e)
+                && d.sentry_frame(e).map(|m| m.raw() >> d.superpage_order()) == Some(region)
+        });
+        if !live || !maps {
+            r.fail("superpage index names no superpage entry", slot.raw());
+        }
     }
 }
 

@@ -203,6 +203,11 @@ impl ShadowStore {
         self.page_tables.len()
     }
 
+    /// Whether a frame in `from..to` is a shadowed guest page table.
+    pub fn any_page_table_in(&self, from: Mfn, to: Mfn) -> bool {
+        self.page_tables.range(from..to).next().is_some()
+    }
+
     /// Whether `mfn` is a shadowed guest page table.
     pub fn is_page_table(&self, mfn: Mfn) -> bool {
         self.page_tables.contains(&mfn)

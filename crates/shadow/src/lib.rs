@@ -56,6 +56,7 @@ pub mod remove;
 #[cfg(feature = "rmap")]
 pub mod rmap;
 pub mod stats;
+pub mod superpage;
 #[cfg(test)]
 pub(crate) mod testmem;
 pub mod types;

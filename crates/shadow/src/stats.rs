@@ -10,6 +10,11 @@ pub struct Stats {
     pub fault_fixed: u64,
     /// Splinter entries filled ahead of a fault (after the one a fill needed).
     pub prefetched: u64,
+    /// Shadow superpage entries written (a guest superpage mapped by one shadow entry).
+    pub superpages_mapped: u64,
+    /// Shadow superpage entries split (removed because a frame of theirs stopped allowing
+    /// them; later faults fill splinters).
+    pub superpage_splits: u64,
     /// Faults reflected to the guest, which must see them.
     pub fault_propagated: u64,
     /// Faults that need the write emulated (a write to a shadowed page table).
@@ -116,7 +121,7 @@ pub struct Stats {
 impl Stats {
     /// Every counter as (name, value), in declaration order: the engine has no serde
     /// dependency, so hosts print or serialise these pairs.
-    pub fn fields(&self) -> [(&'static str, u64); 48] {
+    pub fn fields(&self) -> [(&'static str, u64); 50] {
         [
             ("faults", self.faults),
             ("fault_fixed", self.fault_fixed),
@@ -144,6 +149,8 @@ impl Stats {
             ("unshadows", self.unshadows),
             ("evictions", self.evictions),
             ("blow_tables", self.blow_tables),
+            ("superpages_mapped", self.superpages_mapped),
+            ("superpage_splits", self.superpage_splits),
             ("write_access_removals", self.write_access_removals),
             ("write_access_by_pointer", self.write_access_by_pointer),
             ("write_access_by_scan", self.write_access_by_scan),

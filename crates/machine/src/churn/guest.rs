@@ -160,6 +160,11 @@ impl Guest {
         }
     }
 
+    /// Adds frames beyond `ram_frames` to the free frames (page tables may come from them).
+    pub fn give_frames(&mut self, gfns: impl IntoIterator<Item = Gfn>) {
+        self.free.extend(gfns);
+    }
+
     /// Takes a free frame and zeroes it (through the engine: it may still be shadowed).
     pub fn alloc_frame(&mut self, m: &mut ShadowMachine, rng: &mut Rng) -> Option<Gfn> {
         if self.free.is_empty() {

@@ -18,7 +18,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use shadow2::addr::{Gfn, Gpa, Gva};
+use shadow2::addr::{Gfn, Gpa, Gva, Mfn};
 use shadow2::audit::audit;
 use shadow2::domain::{DomainConfig, EngineError};
 use shadow2::host::MachineMemory;
@@ -95,6 +95,12 @@ pub struct ChurnReport {
     pub oos_unsyncs: u64,
     /// Out-of-sync pages brought back in sync, for any reason.
     pub oos_resyncs: u64,
+    /// Shadow superpage entries written (guest superpages over contiguous backing mapped
+    /// by one shadow entry).
+    pub superpages_mapped: u64,
+    /// Shadow superpage entries split (a frame of theirs became a page table, lost its
+    /// mappings, or log-dirty mode began).
+    pub superpage_splits: u64,
 }
 
 impl ChurnReport {
@@ -106,6 +112,12 @@ impl ChurnReport {
 }
 
 const RAM_FRAMES: u64 = 384;
+/// A second RAM area, aligned to 4 MiB and one 4 MiB (two 2 MiB) long, backed by one aligned
+/// run of machine frames: where guest superpages can be shadowed by shadow superpages.
+const SUPERPAGE_RAM: core::ops::Range<u64> = 1024..2048;
+/// Frames of [`SUPERPAGE_RAM`] the guest may also take as page tables (splitting the
+/// superpages over them).
+const SUPERPAGE_RAM_TABLES: [u64; 2] = [1024 + 7, 1024 + 700];
 const MACHINE_FRAMES: u64 = 1 << 16;
 const VCPUS: usize = 2;
 const NORMAL_POOL: usize = 512;
@@ -168,6 +180,11 @@ struct Churn {
     /// Page-table frames ever (their A/D bits may be set by walks).
     pt_ever: BTreeSet<Gfn>,
     min_pool: usize,
+    /// The machine frame behind the first frame of [`SUPERPAGE_RAM`] at boot: each frame
+    /// of the area has its home there, where a p2m change moves it back.
+    superpage_home: Option<Mfn>,
+    /// Frames of [`SUPERPAGE_RAM`] away from home (a p2m change moved them).
+    superpage_away: BTreeSet<u64>,
 }
 
 /// Whether a run has out-of-sync shadows on: odd seeds. `check shadow` runs each pair's
@@ -243,8 +260,13 @@ impl Churn {
         }
         let mut m = ShadowMachine::new(MACHINE_FRAMES, config)?;
         m.add_ram(Gfn::new(0), RAM_FRAMES)?;
+        m.add_ram(
+            Gfn::new(SUPERPAGE_RAM.start),
+            SUPERPAGE_RAM.end - SUPERPAGE_RAM.start,
+        )?;
         let levels = table_levels(cfg.pair);
         let mut guest = Guest::new(levels, RAM_FRAMES, true);
+        guest.give_frames(SUPERPAGE_RAM_TABLES.iter().map(|&g| Gfn::new(g)));
         let mut churn = Churn {
             m,
             guest: Guest::new(levels, RAM_FRAMES, true),
@@ -258,12 +280,15 @@ impl Churn {
             digests: None,
             pt_ever: BTreeSet::new(),
             min_pool,
+            superpage_home: None,
+            superpage_away: BTreeSet::new(),
         };
         for _ in 0..3 {
             guest.new_process(&mut churn.m, &mut rng);
         }
         churn.guest = guest;
         churn.rng = rng;
+        churn.superpage_home = churn.m.ram_frame(Gfn::new(SUPERPAGE_RAM.start));
         churn.boot()?;
         Ok(churn)
     }
@@ -438,6 +463,14 @@ impl Churn {
         let mut target = self.guest.random_target(&mut self.rng);
         if superpage {
             target &= !(frames_per_superpage - 1);
+            if self.rng.chance(50) {
+                // Over the aligned RAM area: shadow superpages where nothing forbids them.
+                let per_area = (SUPERPAGE_RAM.end - SUPERPAGE_RAM.start) / frames_per_superpage;
+                target =
+                    SUPERPAGE_RAM.start + self.rng.below(per_area.max(1)) * frames_per_superpage;
+            }
+        } else if self.rng.chance(3) {
+            target = SUPERPAGE_RAM.start + self.rng.below(SUPERPAGE_RAM.end - SUPERPAGE_RAM.start);
         }
         let flags = self.guest.random_leaf_flags(&mut self.rng, superpage);
         let value = (target << 12) | flags;
@@ -643,7 +676,7 @@ impl Churn {
     fn digest_ram(&self) -> BTreeMap<u64, u64> {
         let mut out = BTreeMap::new();
         let mut page = vec![0u8; 4096];
-        for g in 0..RAM_FRAMES {
+        for g in (0..RAM_FRAMES).chain(SUPERPAGE_RAM) {
             // What `read_phys` of the whole page reads, frame by frame rather than word by
             // word: RAM only, and nothing outside machine memory.
             let Some(mfn) = self.m.ram_frame(Gfn::new(g)) else {
@@ -721,11 +754,33 @@ impl Churn {
     /// Moves a guest frame to a new machine frame (content copied), as page migration or
     /// sharing does: every shadow mapping and shadow of the old frame must go.
     fn op_p2m_change(&mut self) -> Result<(), EngineError> {
-        let gfn = Gfn::new(1 + self.rng.below(RAM_FRAMES - 1));
+        let gfn = if self.rng.chance(25) {
+            // Inside the aligned area: splits its superpages and leaves the area
+            // non-contiguous, until the frame is moved back home (mostly next time).
+            match self.superpage_away.first() {
+                Some(&away) if self.rng.chance(75) => Gfn::new(away),
+                _ => Gfn::new(
+                    SUPERPAGE_RAM.start + self.rng.below(SUPERPAGE_RAM.end - SUPERPAGE_RAM.start),
+                ),
+            }
+        } else {
+            Gfn::new(1 + self.rng.below(RAM_FRAMES - 1))
+        };
         let Some(old) = self.m.ram_frame(gfn) else {
             return Ok(());
         };
-        let Some(new) = self.m.domain_mut().host_mut().alloc_block(0) else {
+        // A frame of the aligned area away from home goes back (the area is contiguous
+        // again); its home frame stays with the area while it is away.
+        let home = SUPERPAGE_RAM
+            .contains(&gfn.raw())
+            .then_some(self.superpage_home)
+            .flatten()
+            .map(|h| Mfn::new(h.raw() + gfn.raw() - SUPERPAGE_RAM.start));
+        let new = match home {
+            Some(h) if h != old => Some(h),
+            _ => self.m.domain_mut().host_mut().alloc_block(0),
+        };
+        let Some(new) = new else {
             return Ok(());
         };
         for i in 0..512u64 {
@@ -735,7 +790,14 @@ impl Churn {
         }
         self.m
             .host_op(|d| d.set_p2m(gfn, Some((new, P2mType::Ram))).map(|f| ((), f)))?;
-        self.m.domain_mut().host_mut().free_block(old, 0);
+        if home != Some(old) {
+            self.m.domain_mut().host_mut().free_block(old, 0);
+        }
+        if home.is_some_and(|h| h != new) {
+            self.superpage_away.insert(gfn.raw());
+        } else {
+            self.superpage_away.remove(&gfn.raw());
+        }
         Ok(())
     }
 
@@ -753,6 +815,8 @@ impl Churn {
         self.report.traps = self.m.traps();
         let stats = self.m.domain().stats();
         self.report.shadows_created = stats.shadows_created;
+        self.report.superpages_mapped = stats.superpages_mapped;
+        self.report.superpage_splits = stats.superpage_splits;
         self.report.evictions = stats.evictions;
         self.report.fast_path = stats.fast_path;
         self.report.unshadows = stats.unshadows;

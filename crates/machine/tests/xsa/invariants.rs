@@ -386,7 +386,11 @@ impl TreeWalk<'_> {
         let here = rights.below(e, g, pdpte);
         let frame = Mfn::new((e & g.addr_mask()) >> 12);
         let superpage = level > 1 && !pdpte && e & bits::PS != 0;
-        if level == 1 || superpage {
+        if superpage {
+            self.superpage(slot, e, level, va, frame, here);
+            return;
+        }
+        if level == 1 {
             self.leaf(slot, e, va, frame, here);
             return;
         }
@@ -412,6 +416,42 @@ impl TreeWalk<'_> {
                 "vcpu {v}: level-{level} entry {e:#x} at {slot} points at {frame}, not a live shadow"
             )),
         }
+    }
+
+    /// A shadow superpage entry: every frame it maps is checked as a leaf would be
+    /// (hypervisor-side, writable over a page table), and its first and last frames
+    /// against the guest's own walk.
+    fn superpage(&mut self, slot: Maddr, e: u64, level: u8, va: u64, frame: Mfn, rights: Rights) {
+        let frames = 1u64 << (self.g.shift(level) - 12);
+        // Bit 12 of a superpage entry is PAT, not an address bit.
+        let base = Mfn::new(frame.raw() & !(frames - 1));
+        for k in 1..frames - 1 {
+            let f = Mfn::new(base.raw() + k);
+            if f.raw() >= HOST_FRAME_LIMIT {
+                break;
+            }
+            if forbidden(self.d, f) {
+                self.out.push(format!(
+                    "vcpu {}: superpage {e:#x} at {slot} maps hypervisor-side frame {f}",
+                    self.v
+                ));
+            }
+            if rights.write && self.d.shadows().is_page_table(f) {
+                self.out.push(format!(
+                    "vcpu {}: superpage {e:#x} at {slot} writable over shadowed page table {f}",
+                    self.v
+                ));
+            }
+        }
+        self.leaf(slot, e, va, base, rights);
+        let last = frames - 1;
+        self.leaf(
+            slot,
+            e,
+            va + (last << 12),
+            Mfn::new(base.raw() + last),
+            rights,
+        );
     }
 
     fn leaf(&mut self, slot: Maddr, e: u64, va: u64, frame: Mfn, rights: Rights) {

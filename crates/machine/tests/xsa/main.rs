@@ -19,5 +19,6 @@ mod pdpte;
 mod pool;
 mod prefetch;
 mod self_maps;
+mod shadow_superpages;
 mod superpages;
 mod type_confusion;

@@ -46,6 +46,10 @@ pub struct DomainConfig {
     /// handled from the shadow entry alone (seed future optimisation 2). Needs a host
     /// MAXPHYADDR below 52 (a reserved address bit).
     pub fast_path: bool,
+    /// Shadow a guest superpage whose machine backing is contiguous aligned RAM, none of it
+    /// a page table, by one superpage entry instead of a splinter (see
+    /// [`crate::superpage`]). Off: every guest superpage is splintered.
+    pub superpages: bool,
     /// MAXPHYADDR of the host (32..=52): the hardware walking the shadows and the p2m
     /// faults on machine addresses at or above it, so no machine frame given to the guest
     /// may lie there. With the fast path, the upper half below it is where MMIO markers
@@ -106,6 +110,7 @@ impl DomainConfig {
                 ..CpuFeatures::KVM_HOST
             },
             fast_path: true,
+            superpages: true,
             host_maxphyaddr: CpuFeatures::KVM_HOST.maxphyaddr,
             reverse_map: cfg!(feature = "rmap"),
             linear_maps: [None; 4],

@@ -214,7 +214,17 @@ impl<H: MachineMemory> Domain<H> {
             let start = d.stats.last_call_work;
             let budget = budget.max(1) as u64;
             let mut protected: Vec<Mfn> = Vec::new();
-            if !enabling.leaves_done {
+            // Superpage entries go first (no new one is made in log-dirty mode); one split in
+            // a later step may have been written through meanwhile: all its frames are dirty.
+            let (split, written) = d.split_superpages_step(budget)?;
+            if later_step {
+                for base in written {
+                    for i in 0..1u64 << d.superpage_order() {
+                        d.mark_frame_dirty(Mfn::new(base.raw() + i));
+                    }
+                }
+            }
+            if split && !enabling.leaves_done {
                 let mut cursor = enabling.cursor;
                 let end = d.sweep_shadows(
                     &mut cursor,
@@ -236,7 +246,7 @@ impl<H: MachineMemory> Domain<H> {
                     d.mark_frame_dirty(mfn);
                 }
             }
-            if enabling.leaves_done {
+            if split && enabling.leaves_done {
                 let spent = d.stats.last_call_work - start;
                 let left = budget.saturating_sub(spent).max(1);
                 for _ in 0..left {
@@ -253,7 +263,7 @@ impl<H: MachineMemory> Domain<H> {
                 }
             }
             d.pending_flush = d.all_vcpus();
-            let done = enabling.leaves_done && d.p2m_writable.is_empty();
+            let done = split && enabling.leaves_done && d.p2m_writable.is_empty();
             if let Some(log) = d.log_dirty.as_mut() {
                 log.enabling = (!done).then_some(enabling);
             }

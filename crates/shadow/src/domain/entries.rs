@@ -103,12 +103,16 @@ impl<H: MachineMemory> Domain<H> {
                 }
             }
         } else {
+            // A superpage entry maps guest frames: no shadow below it to count.
+            self.note_upper_sentry(kind.level(), slot, old, new);
+            let new_child = new_frame.filter(|_| !self.is_superpage_sentry(kind.level(), new));
+            let old_child = old_frame.filter(|_| !self.is_superpage_sentry(kind.level(), old));
             // Take the new reference before dropping the old one: relinking the same child
             // with other flags must not let its count touch zero.
-            if let Some(child) = new_frame {
+            if let Some(child) = new_child {
                 self.store.add_ref(child, slot);
             }
-            if let Some(child) = old_frame {
+            if let Some(child) = old_child {
                 if !self.reaping_cold
                     && let Some((head, _)) = self.store.containing(child)
                 {

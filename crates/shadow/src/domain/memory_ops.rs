@@ -223,7 +223,7 @@ impl<H: MachineMemory> Domain<H> {
 
     /// Whether a machine frame belongs to the hypervisor side (pool, p2m tables,
     /// hypervisor frames) and so may never be given to the guest.
-    fn forbidden(&self, mfn: Mfn) -> bool {
+    pub(crate) fn forbidden(&self, mfn: Mfn) -> bool {
         self.pool.contains(mfn)
             || self.hypervisor_frames.contains(&mfn)
             || self.p2m.as_ref().is_some_and(|p| p.owns_table_frame(mfn))
@@ -312,6 +312,7 @@ impl<H: MachineMemory> Domain<H> {
             if let Some(p2m) = d.p2m.as_mut() {
                 p2m.set_entry(&mut d.host, gfn, entry)?;
             }
+            d.forget_superpage_backing(gfn);
             d.p2m_writable.remove(&gfn);
             if let Some(P2mEntry {
                 mfn,
@@ -344,6 +345,7 @@ impl<H: MachineMemory> Domain<H> {
             ));
         }
         self.check_guest_frame(mfn, P2mType::Ram)?;
+        self.forget_superpage_backing(Gfn::new(mfn.raw()));
         self.owned.insert(mfn);
         Ok(())
     }
@@ -367,6 +369,7 @@ impl<H: MachineMemory> Domain<H> {
             d.prealloc_root_rebuilds(mfn)?;
             d.remove_all_mappings(mfn)?;
             d.unshadow(mfn)?;
+            d.forget_superpage_backing(Gfn::new(mfn.raw()));
             d.owned.remove(&mfn);
             d.end_mapping_removal(mfn);
             d.pending_flush = d.all_vcpus();

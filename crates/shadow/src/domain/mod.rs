@@ -115,6 +115,8 @@ pub struct Domain<H: MachineMemory> {
     pub(crate) hole_entry: u64,
     /// Out-of-sync pages and their snapshots (see [`oos`]).
     pub(crate) oos: oos::OutOfSync,
+    /// Shadow superpage entries and what allows them (see [`crate::superpage`]).
+    pub(crate) superpages: crate::superpage::SuperpageIndex,
 }
 
 impl<H: MachineMemory> Domain<H> {
@@ -199,6 +201,7 @@ impl<H: MachineMemory> Domain<H> {
             teardown: None,
             hole_entry: 0,
             oos: oos::OutOfSync::default(),
+            superpages: crate::superpage::SuperpageIndex::default(),
         })
     }
 
@@ -226,6 +229,10 @@ impl<H: MachineMemory> Domain<H> {
     /// The shadows.
     pub fn shadows(&self) -> &ShadowStore {
         &self.store
+    }
+    /// The shadow superpage entries.
+    pub fn superpages(&self) -> &crate::superpage::SuperpageIndex {
+        &self.superpages
     }
     /// The counters.
     pub fn stats(&self) -> &Stats {
@@ -289,7 +296,7 @@ impl<H: MachineMemory> Domain<H> {
 
     /// The control state the hardware must run a vcpu with to walk its shadows: paging on,
     /// CR0.WP set (so that read-only shadow entries trap supervisor writes), the shadow
-    /// mode's PAE/LMA and NXE, the guest's SMEP/SMAP/PGE where the guest pages, its PKE
+    /// mode's PAE/LMA and NXE (PSE for 2-level shadows), the guest's SMEP/SMAP/PGE where the guest pages, its PKE
     /// where both it and the shadows are 4-level, and CR3 = the shadow root.
     pub fn hardware_control(&self, v: usize) -> Option<ControlState> {
         let vcpu = self.vcpus.get(v)?;
@@ -314,7 +321,9 @@ impl<H: MachineMemory> Domain<H> {
                 cr4 |= cr::CR4_PAE;
                 efer |= cr::EFER_NXE;
             }
-            _ => {}
+            // 4 MiB shadow superpage entries.
+            PagingLevels::Two => cr4 |= cr::CR4_PSE,
+            PagingLevels::Zero => {}
         }
         Some(ControlState {
             cr0: cr::CR0_PE | cr::CR0_PG | cr::CR0_WP,

@@ -103,6 +103,7 @@ impl<H: MachineMemory> Domain<H> {
             }
             let Some((head, order)) = self.store.shadows().next().map(|(h, i)| (h, i.order)) else {
                 self.store = ShadowStore::new();
+                self.superpages = crate::superpage::SuperpageIndex::default();
                 #[cfg(feature = "rmap")]
                 if self.rmap.is_some() {
                     self.rmap = Some(crate::rmap::ReverseMap::new());

@@ -219,6 +219,17 @@ where
             // take the slow path.
             return Ok(Self::not_ram(d, gfn, bits::RW | bits::US));
         };
+        Self::fl1_sentry_ram(d, pde, mfn, gfn, pkey)
+    }
+
+    /// [`Engine::fl1_sentry`] for a frame `gfn` known to be RAM at machine frame `mfn`.
+    pub(super) fn fl1_sentry_ram<H: MachineMemory>(
+        d: &Domain<H>,
+        pde: u64,
+        mfn: Mfn,
+        gfn: Gfn,
+        pkey: u8,
+    ) -> Result<u64, EngineError> {
         Self::check_representable(mfn)?;
         let mut e = bits::P | bits::A | bits::D | bits::US | mfn.base().raw();
         e |= (u64::from(pkey) << bits::PKEY_SHIFT) & bits::PKEY_MASK;
@@ -341,7 +352,7 @@ where
     /// Whether guest entry `gindex` of a table at `level` covers the hypervisor hole
     /// (internal mode): an L4 slot on 64-bit shadows; on 32-bit and PAE shadows the top
     /// 64 MiB, through the 32-bit guest's L2 or a PAE L2 used through PDPTE 3.
-    fn in_hole_slot<H: MachineMemory>(
+    pub(super) fn in_hole_slot<H: MachineMemory>(
         d: &Domain<H>,
         level: u8,
         gindex: u64,

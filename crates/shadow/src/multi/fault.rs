@@ -25,6 +25,8 @@ struct Leaf {
     slot: Maddr,
     /// For a splinter: the guest superpage entry and the frame's guest frame number.
     superpage: Option<(u64, crate::addr::Gfn)>,
+    /// Shadow superpage entries map the address already: there is no leaf to write.
+    mapped: bool,
 }
 
 /// One upper shadow entry a [`Plan`] (re)writes: guest entry `gentry` at `level` links to
@@ -599,16 +601,20 @@ where
             Some(plan) => Some(Self::follow(d, va, &plan, flavor)?),
             None => Self::descend(d, frames, v, va, path, flavor, true)?,
         };
-        let Some(leaf) = leaf else {
+        let Some(leaf) = leaf.filter(|l| !l.mapped) else {
             return Ok(0);
         };
         match leaf.superpage {
             Some((pde, gfn)) => {
                 let pkey = Self::splinter_pkey(pde);
                 let new = Self::fl1_sentry(d, frames, pde, gfn, pkey)?;
+                // A first fill of the entry: the splinter may still be empty around it.
+                let first = d.read_sentry(leaf.slot)? == 0;
                 d.set_sentry(leaf.slot, new)?;
                 let before = d.entries_written;
-                Self::prefetch_splinter(d, frames, va, pde, gfn, pkey, leaf.slot)?;
+                if !(first && Self::fill_contiguous_splinter(d, va, pde, pkey, leaf.slot)?) {
+                    Self::prefetch_splinter(d, frames, va, pde, gfn, pkey, leaf.slot)?;
+                }
                 Ok(d.entries_written.wrapping_sub(before))
             }
             None => {
@@ -721,6 +727,7 @@ where
         };
         if let Some(leaf) = leaf
             && leaf.superpage.is_none()
+            && !leaf.mapped
         {
             d.set_sentry(leaf.slot, MAGIC | MAGIC_NOT_PRESENT)?;
             if let Some(entry) = path.last() {
@@ -768,11 +775,18 @@ where
                 }
                 return Ok(None);
             }
+            let gindex = G::index(va.raw(), level) as u64;
+            if level == 2 && Self::map_superpage(d, shadow, gindex, gentry, flavor)? {
+                return Ok(Some(Leaf {
+                    slot: Maddr::new(shadow.base().raw() + Self::soffset(2, va.raw())),
+                    superpage: None,
+                    mapped: true,
+                }));
+            }
             let Some(key) = Self::child_key(d, frames, gentry, level, flavor)? else {
                 return Ok(None);
             };
             let (child, _) = d.get_or_create(key)?;
-            let gindex = G::index(va.raw(), level) as u64;
             // The child may have been created by an earlier fault; (re)link it anyway: the
             // upper entry may be empty or stale.
             Self::link(d, shadow, level, gindex, gentry, Some(child), flavor)?;
@@ -783,6 +797,7 @@ where
                 return Ok(Some(Leaf {
                     slot: Maddr::new(child.base().raw() + index * S::ENTRY_BYTES),
                     superpage: Some((gentry, crate::addr::Gfn::new(base.raw() + index))),
+                    mapped: false,
                 }));
             }
             shadow = child;
@@ -791,6 +806,7 @@ where
         Ok(Some(Leaf {
             slot: Maddr::new(shadow.base().raw() + Self::soffset(1, va.raw())),
             superpage: None,
+            mapped: false,
         }))
     }
 
@@ -831,6 +847,11 @@ where
             if !Self::linkable(d, gentry, level, flavor) {
                 return None;
             }
+            // A superpage the shadows may map as one: the careful path decides.
+            let gindex = G::index(va.raw(), level) as u64;
+            if level == 2 && Self::superpage_possible(d, gentry, gindex, flavor) {
+                return None;
+            }
             let key = Self::child_key(d, frames, gentry, level, flavor).ok()??;
             let child = d.store.lookup(&key)?;
             *links.get_mut(len)? = PlannedLink {
@@ -846,6 +867,7 @@ where
                 let leaf = Leaf {
                     slot: Maddr::new(child.base().raw() + index * S::ENTRY_BYTES),
                     superpage: Some((gentry, crate::addr::Gfn::new(base.raw() + index))),
+                    mapped: false,
                 };
                 return Some(Plan {
                     top,
@@ -860,6 +882,7 @@ where
         let leaf = Leaf {
             slot: Maddr::new(shadow.base().raw() + Self::soffset(1, va.raw())),
             superpage: None,
+            mapped: false,
         };
         Some(Plan {
             top,

@@ -14,6 +14,7 @@ mod engine;
 mod fault;
 mod oos;
 mod prefetch;
+mod superpage;
 mod validate;
 
 use core::marker::PhantomData;
@@ -207,6 +208,17 @@ impl Pair {
         index: u64,
     ) -> Result<Option<u64>, EngineError> {
         dispatch!(self, expected_upper(d, key, index))
+    }
+
+    /// The shadow superpage entry allowed at `index` of the L2 shadow with `key` now, if
+    /// any (for the auditor).
+    pub(crate) fn expected_superpage<H: MachineMemory>(
+        self,
+        d: &Domain<H>,
+        key: ShadowKey,
+        index: u64,
+    ) -> Result<Option<u64>, EngineError> {
+        dispatch!(self, expected_superpage(d, key, index))
     }
 
     /// The shadow leaf entry a guest entry gives (for the auditor).

@@ -37,6 +37,8 @@ where
                 let slot = Maddr::new(head.base().raw() + gindex * S::ENTRY_BYTES);
                 let new = Self::leaf_sentry(d, &frames, gentry, key.flavor)?;
                 d.set_sentry(slot, new)?;
+            } else if level == 2 && Self::map_superpage(d, head, gindex, gentry, key.flavor)? {
+                // Shadowed by superpage entries (they replace a splinter's link).
             } else {
                 let child = Self::existing_child(d, &frames, gentry, level, key)?;
                 Self::link(d, head, level, gindex, gentry, child, key.flavor)?;

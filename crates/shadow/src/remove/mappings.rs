@@ -36,6 +36,14 @@ impl<H: MachineMemory> Domain<H> {
         self.remove.mappings.is_some_and(|r| r.mfn == mfn)
     }
 
+    /// Whether a frame in `from..to` may not be mapped now (see
+    /// [`Domain::mapping_blocked`]).
+    pub(crate) fn mapping_blocked_in(&self, from: Mfn, to: Mfn) -> bool {
+        self.remove
+            .mappings
+            .is_some_and(|r| r.mfn >= from && r.mfn < to)
+    }
+
     /// The leaf entry `new` as the searches under way let it be written: nothing for a
     /// frame whose mappings are being removed, no write access to a frame waiting for the
     /// write-access scan. So a search's one pass is complete: what it looks for cannot be
@@ -57,6 +65,7 @@ impl<H: MachineMemory> Domain<H> {
     /// [`EngineError::Preempted`] when the call's budget is spent first (call the operation
     /// again). The writable count, which must be zero at the end, checks the scan.
     pub(crate) fn remove_all_mappings(&mut self, mfn: Mfn) -> Result<(), EngineError> {
+        self.split_superpages_of(mfn)?;
         let mut removal = match self.remove.mappings {
             Some(r) if r.mfn == mfn && r.done => return Ok(()),
             Some(r) if r.mfn == mfn => r,

@@ -49,6 +49,11 @@ impl WriteScan {
         self.targets.iter().any(|t| t.mfn == mfn)
     }
 
+    /// Whether a frame in `from..to` waits for the scan.
+    pub(crate) fn any_pending_in(&self, from: Mfn, to: Mfn) -> bool {
+        self.targets.iter().any(|t| t.mfn >= from && t.mfn < to)
+    }
+
     /// How many frames wait for the scan.
     pub(crate) fn pending(&self) -> usize {
         self.targets.len()

@@ -64,6 +64,8 @@ impl<H: MachineMemory> Domain<H> {
     /// Methods (a), (b) and (c) for `mfn`; the scan stops at the budget if `may_defer`.
     /// Returns whether no writable mapping is left.
     fn find_writable(&mut self, mfn: Mfn, may_defer: bool) -> Result<bool, EngineError> {
+        // A superpage entry over the frame is not counted in its writable mappings.
+        self.split_superpages_of(mfn)?;
         self.protect_in_p2m(mfn)?;
         if self.store.frame(mfn).writable == 0 {
             self.remove.scan.forget(mfn);
