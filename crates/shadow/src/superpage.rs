@@ -127,8 +127,8 @@ impl<H: MachineMemory> Domain<H> {
     }
 
     /// The first machine frame of guest region `first..first + 2^order` when it is RAM,
-    /// contiguous, aligned and no hypervisor-side frame; cached until the p2m changes a
-    /// frame of the region.
+    /// contiguous, aligned and no hypervisor-side frame; cached (for regions whose first
+    /// frame is RAM) until the p2m changes a frame of the region.
     pub(crate) fn superpage_backing(&mut self, first: Gfn) -> Option<Mfn> {
         let order = self.superpage_order();
         let region = first.raw() >> order;
@@ -137,6 +137,11 @@ impl<H: MachineMemory> Domain<H> {
         }
         if let Some(known) = self.superpages.backing.get(&region) {
             return *known;
+        }
+        // Only regions starting with RAM are remembered: so the cache holds at most one
+        // answer per region of the guest's RAM, whatever frames its entries name.
+        if !matches!(self.guest_frame(first), Some((_, P2mType::Ram))) {
+            return None;
         }
         let found = self.compute_backing(first);
         self.stats.add_work(1 << order);
