@@ -91,7 +91,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
     } else {
         for r in &merged {
             println!(
-                "{:>5}: {:>7} ops {:>8} accesses {:>6} fills {:>6} propagated ({:>5} fast) {:>5} emulated ({:>4} from instructions) {:>5} evictions {:>4} unshadows {:>3} cleans {:>5} unsyncs {:>5} resyncs {:>4} superpages ({:>4} split)  violations {} mismatches {}",
+                "{:>5}: {:>7} ops {:>8} accesses {:>6} fills {:>6} propagated ({:>5} fast) {:>5} emulated ({:>4} from instructions) {:>5} evictions {:>4} unshadows {:>3} cleans {:>5} unsyncs {:>5} resyncs {:>4} superpages ({:>4} split) {:>6} prefetched  violations {} mismatches {}",
                 r.pair,
                 r.ops,
                 r.accesses,
@@ -107,6 +107,7 @@ pub fn run(args: &Args) -> Result<ExitCode, String> {
                 r.oos_resyncs,
                 r.superpages_mapped,
                 r.superpage_splits,
+                r.prefetched,
                 r.audit_violations,
                 r.oracle_mismatches + r.lost_dirty_pages,
             );
@@ -190,6 +191,7 @@ fn merge(pairs: &[Pair], reports: &[ChurnReport]) -> Vec<ChurnReport> {
                 m.oos_unsyncs += r.oos_unsyncs;
                 m.oos_resyncs += r.oos_resyncs;
                 m.superpages_mapped += r.superpages_mapped;
+                m.prefetched += r.prefetched;
                 m.superpage_splits += r.superpage_splits;
                 m.pool_peak_pages = m.pool_peak_pages.max(r.pool_peak_pages);
                 m.traps.shadow_fills += r.traps.shadow_fills;

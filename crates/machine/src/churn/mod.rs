@@ -101,6 +101,8 @@ pub struct ChurnReport {
     /// Shadow superpage entries split (a frame of theirs became a page table, lost its
     /// mappings, or log-dirty mode began).
     pub superpage_splits: u64,
+    /// Shadow entries a fill wrote ahead of a fault (L1 and splinter prefetch).
+    pub prefetched: u64,
 }
 
 impl ChurnReport {
@@ -816,6 +818,7 @@ impl Churn {
         let stats = self.m.domain().stats();
         self.report.shadows_created = stats.shadows_created;
         self.report.superpages_mapped = stats.superpages_mapped;
+        self.report.prefetched = stats.prefetched;
         self.report.superpage_splits = stats.superpage_splits;
         self.report.evictions = stats.evictions;
         self.report.fast_path = stats.fast_path;
