@@ -109,6 +109,27 @@ impl WalkCase {
     }
 }
 
+/// `iters` walks over `view`, page after page from `*next`, timed.
+fn timed_walks<M: PhysMem<Gpa>>(
+    view: &mut M,
+    env: WalkEnv<'_>,
+    next: &mut u64,
+    iters: u64,
+) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let va = Guest::va(*next);
+        *next = (*next + 1) % CYCLE;
+        let _ = black_box(walk_mode::<FourLevel, Gpa, _>(
+            view,
+            black_box(env),
+            black_box(va),
+            black_box(USER_WRITE_ACCESS),
+        ));
+    }
+    start.elapsed()
+}
+
 impl Case for WalkCase {
     fn measure(&mut self, iters: u64) -> Duration {
         let env = WalkEnv {
@@ -123,35 +144,13 @@ impl Case for WalkCase {
                 host: d.host(),
                 p2m: d.p2m().expect("translated domain"),
             };
-            let start = Instant::now();
-            for _ in 0..iters {
-                let va = Guest::va(next);
-                next = (next + 1) % CYCLE;
-                let _ = black_box(walk_mode::<FourLevel, Gpa, _>(
-                    &mut view,
-                    black_box(env),
-                    black_box(va),
-                    black_box(USER_WRITE_ACCESS),
-                ));
-            }
-            start.elapsed()
+            timed_walks(&mut view, env, &mut next, iters)
         } else {
             let map = &self.map;
             let mut view = GuestPhysView::new(self.guest.d.host_mut(), |g| {
                 map.get(g.raw() as usize).copied().flatten()
             });
-            let start = Instant::now();
-            for _ in 0..iters {
-                let va = Guest::va(next);
-                next = (next + 1) % CYCLE;
-                let _ = black_box(walk_mode::<FourLevel, Gpa, _>(
-                    &mut view,
-                    black_box(env),
-                    black_box(va),
-                    black_box(USER_WRITE_ACCESS),
-                ));
-            }
-            start.elapsed()
+            timed_walks(&mut view, env, &mut next, iters)
         };
         self.next = next;
         elapsed
